@@ -1,0 +1,53 @@
+package main
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"sinc.dev/sinc/internal/agent"
+	"sinc.dev/sinc/internal/config"
+)
+
+func runAgent(args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("agent", stderr)
+	path := fs.String("config", "", "the agent's config file (required)")
+	format := fs.String("log-format", "text", "log format: text or json")
+	level := fs.String("log-level", "info", "log level: debug, info, warn, error")
+	if err := parse(fs, args, 0); err != nil {
+		return err
+	}
+	if *path == "" {
+		return usagef("--config is required")
+	}
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(*level)); err != nil {
+		return usagef("--log-level: %v", err)
+	}
+	opts := &slog.HandlerOptions{Level: lvl}
+	var h slog.Handler
+	switch *format {
+	case "text":
+		h = slog.NewTextHandler(stderr, opts)
+	case "json":
+		h = slog.NewJSONHandler(stderr, opts)
+	default:
+		return usagef("--log-format must be text or json, not %q", *format)
+	}
+	log := slog.New(h)
+
+	cfg, err := config.Load(*path)
+	if err != nil {
+		return err
+	}
+	a, err := agent.New(cfg, log)
+	if err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	return a.Run(ctx)
+}

@@ -1,0 +1,56 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"text/tabwriter"
+	"time"
+
+	"sinc.dev/sinc/internal/admin"
+)
+
+func runPeers(args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("peers", stderr)
+	path := fs.String("admin", "", "the agent's admin socket (required)")
+	asJSON := fs.Bool("json", false, "print JSON")
+	if err := parse(fs, args, 0); err != nil {
+		return err
+	}
+	if *path == "" {
+		return usagef("--admin is required")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), admin.RequestTimeout)
+	defer cancel()
+	resp, err := admin.Query(ctx, *path, admin.Request{Op: "peers"})
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(resp.Peers)
+	}
+	printPeers(stdout, resp.Node, resp.Peers, time.Now())
+	return nil
+}
+
+func printPeers(w io.Writer, node string, rows []admin.PeerRow, now time.Time) {
+	fmt.Fprintf(w, "peers of %s:\n", node)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "PEER\tADDRESS\tSTATE\tSINCE\tCERT EXPIRES\tFRAMES OUT/IN\tBYTES OUT/IN\tLAST ERROR")
+	for _, r := range rows {
+		exp := "-"
+		if !r.CertExpiry.IsZero() {
+			exp = r.CertExpiry.Format(time.RFC3339)
+		}
+		last := r.LastError
+		if last == "" {
+			last = "-"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s ago\t%s\t%d/%d\t%d/%d\t%s\n", r.Peer, r.Address, r.State,
+			now.Sub(r.Since).Round(time.Millisecond), exp, r.FramesOut, r.FramesIn, r.BytesOut, r.BytesIn, last)
+	}
+	tw.Flush()
+}

@@ -1,0 +1,159 @@
+// Package admin is the agent's admin socket protocol, used by the CLI.
+//
+// One request per connection: the client writes one JSON object on one line
+// ({"v":1,"op":"peers"}), the agent answers with one JSON object on one line
+// and closes. A request over MaxRequest bytes, or not finished within
+// RequestTimeout, gets an error reply. No reply ever carries key material:
+// the types below have no field that could hold it.
+package admin
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+)
+
+const (
+	Version        = 1
+	MaxRequest     = 4 << 10
+	MaxResponse    = 16 << 20
+	RequestTimeout = 5 * time.Second
+	MaxClients     = 32
+)
+
+// Request is one admin request.
+type Request struct {
+	V  int    `json:"v"`
+	Op string `json:"op"` // "peers"
+}
+
+// Response is the agent's answer.
+type Response struct {
+	OK    bool      `json:"ok"`
+	Error *Error    `json:"error,omitempty"`
+	Node  string    `json:"node,omitempty"`
+	Peers []PeerRow `json:"peers,omitempty"`
+}
+
+// Error is a failed request.
+type Error struct {
+	Code    string `json:"code"`
+	Message string `json:"message"`
+}
+
+func (e *Error) Error() string { return e.Code + ": " + e.Message }
+
+// PeerRow is one row of the peer table.
+type PeerRow struct {
+	Peer       string    `json:"peer"`
+	Address    string    `json:"address"`
+	State      string    `json:"state"` // "up", "connecting", "down"
+	Since      time.Time `json:"since"`
+	Initiator  bool      `json:"initiator,omitempty"`
+	CertExpiry time.Time `json:"cert_expiry,omitzero"`
+	FramesOut  uint64    `json:"frames_out"`
+	BytesOut   uint64    `json:"bytes_out"`
+	FramesIn   uint64    `json:"frames_in"`
+	BytesIn    uint64    `json:"bytes_in"`
+	LastError  string    `json:"last_error,omitempty"`
+}
+
+// Query sends req to the admin socket at path and returns the reply.
+func Query(ctx context.Context, path string, req Request) (*Response, error) {
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("admin socket %s: %w", path, err)
+	}
+	defer conn.Close()
+	if dl, ok := ctx.Deadline(); ok {
+		conn.SetDeadline(dl)
+	} else {
+		conn.SetDeadline(time.Now().Add(RequestTimeout))
+	}
+	req.V = Version
+	b, _ := json.Marshal(req)
+	if _, err := conn.Write(append(b, '\n')); err != nil {
+		return nil, fmt.Errorf("admin socket %s: %w", path, err)
+	}
+	var resp Response
+	if err := json.NewDecoder(io.LimitReader(conn, MaxResponse)).Decode(&resp); err != nil {
+		return nil, fmt.Errorf("admin socket %s: bad reply: %w", path, err)
+	}
+	if !resp.OK {
+		if resp.Error == nil {
+			return nil, fmt.Errorf("admin socket %s: request failed without a reason", path)
+		}
+		return nil, resp.Error
+	}
+	return &resp, nil
+}
+
+// Serve answers requests on ln with handle until ln is closed. At most
+// MaxClients requests are served at once; more wait in the kernel's backlog.
+func Serve(ln net.Listener, log *slog.Logger, handle func(Request) *Response) {
+	sem := make(chan struct{}, MaxClients)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		conn, err := ln.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			log.Warn("admin accept", "err", err)
+			time.Sleep(10 * time.Millisecond)
+			continue
+		}
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			serveOne(conn, log, handle)
+		}()
+	}
+}
+
+func serveOne(conn net.Conn, log *slog.Logger, handle func(Request) *Response) {
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(RequestTimeout))
+	resp := func() *Response {
+		line, err := bufio.NewReaderSize(io.LimitReader(conn, MaxRequest+1), MaxRequest+1).ReadSlice('\n')
+		if err != nil {
+			if len(line) > MaxRequest {
+				return fail("too_large", fmt.Sprintf("request exceeds %d bytes", MaxRequest))
+			}
+			return fail("bad_request", "request must be one JSON object ending in a newline")
+		}
+		var req Request
+		dec := json.NewDecoder(bytes.NewReader(line))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&req); err != nil {
+			return fail("bad_request", "malformed request: "+err.Error())
+		}
+		if req.V != Version {
+			return fail("bad_version", fmt.Sprintf("version %d, this agent speaks %d", req.V, Version))
+		}
+		return handle(req)
+	}()
+	if !resp.OK {
+		log.Info("admin request refused", "code", resp.Error.Code, "reason", resp.Error.Message)
+	}
+	b, _ := json.Marshal(resp)
+	conn.Write(append(b, '\n'))
+}
+
+func fail(code, msg string) *Response {
+	return &Response{Error: &Error{Code: code, Message: msg}}
+}
+
+// Fail returns an error response.
+func Fail(code, msg string) *Response { return fail(code, msg) }

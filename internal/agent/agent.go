@@ -1,0 +1,233 @@
+// Package agent is the trusted per-node agent (DESIGN.md §1): it holds the
+// node's key, keeps one authenticated link to each peer agent, and serves
+// the admin socket.
+package agent
+
+import (
+	"context"
+	"crypto/ecdh"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"sync"
+	"time"
+
+	"sinc.dev/sinc/internal/admin"
+	"sinc.dev/sinc/internal/cert"
+	"sinc.dev/sinc/internal/config"
+	"sinc.dev/sinc/internal/link"
+)
+
+// Agent is one node's agent.
+type Agent struct {
+	cfg      *config.Config
+	log      *slog.Logger
+	cert     *cert.Certificate
+	linkCfg  *link.Config
+	instance [link.InstanceSize]byte
+
+	pending chan struct{} // one token per handshake in progress
+
+	mu    sync.Mutex
+	peers map[string]*peer
+
+	wg sync.WaitGroup // every goroutine the agent started
+}
+
+// New loads the agent's certificate, key and CA and checks them against the
+// config. Nothing is started: a bad setup fails here.
+func New(cfg *config.Config, log *slog.Logger) (*Agent, error) {
+	now := time.Now()
+	ca, err := cert.LoadCertificate(cfg.CA)
+	if err != nil {
+		return nil, fmt.Errorf("ca: %w", err)
+	}
+	verifier, err := cert.NewVerifier(ca, now)
+	if err != nil {
+		return nil, fmt.Errorf("ca %s: %w", cfg.CA, err)
+	}
+	c, err := cert.LoadCertificate(cfg.Cert)
+	if err != nil {
+		return nil, fmt.Errorf("cert: %w", err)
+	}
+	if err := verifier.Verify(c, now); err != nil {
+		return nil, fmt.Errorf("cert %s: %w", cfg.Cert, err)
+	}
+	if c.Name != cfg.Node {
+		return nil, fmt.Errorf("cert %s is for node %q, but the config's node is %q", cfg.Cert, c.Name, cfg.Node)
+	}
+	for _, p := range sortedPartitions(cfg) {
+		if !c.HasPartition(p) {
+			return nil, fmt.Errorf("config %s: partition %q is not in the node's certificate (it lists %v)", cfg.Path, p, c.Partitions)
+		}
+	}
+	key, err := cert.LoadNodeKey(cfg.Key)
+	if err != nil {
+		return nil, fmt.Errorf("key: %w", err)
+	}
+	if !key.PublicKey().Equal(mustX25519(c.PublicKey[:])) {
+		return nil, fmt.Errorf("key %s does not match the public key in cert %s", cfg.Key, cfg.Cert)
+	}
+	a := &Agent{
+		cfg:      cfg,
+		log:      log.With("node", cfg.Node),
+		cert:     c,
+		instance: link.NewInstance(),
+		pending:  make(chan struct{}, cfg.Limits.PendingHandshakes),
+		peers:    make(map[string]*peer, len(cfg.Peers)),
+	}
+	a.linkCfg = &link.Config{
+		Static:           key,
+		Cert:             c,
+		Verifier:         verifier,
+		Instance:         a.instance,
+		HandshakeTimeout: cfg.Timers.Handshake,
+		Keepalive:        cfg.Timers.Keepalive,
+		DeadAfter:        cfg.Timers.DeadAfter,
+	}
+	for name, p := range cfg.Peers {
+		a.peers[name] = newPeer(name, p.Address)
+	}
+	return a, nil
+}
+
+func mustX25519(b []byte) *ecdh.PublicKey {
+	k, err := ecdh.X25519().NewPublicKey(b)
+	if err != nil {
+		panic(err) // cannot happen: every 32-byte string is an X25519 key
+	}
+	return k
+}
+
+func sortedPartitions(cfg *config.Config) []string {
+	ps := make([]string, 0, len(cfg.Partitions))
+	for name := range cfg.Partitions {
+		ps = append(ps, name)
+	}
+	return ps
+}
+
+// Run starts the agent and serves until ctx is done, then shuts down: links
+// are closed with a reason the peers log, and the agent's sockets are
+// removed. It returns an error only if the agent could not start.
+func (a *Agent) Run(ctx context.Context) error {
+	ln, err := net.Listen("tcp", a.cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("peer listener: %w", err)
+	}
+	adm, err := listenUnix(a.cfg.Admin, 0o600)
+	if err != nil {
+		ln.Close()
+		return fmt.Errorf("admin socket: %w", err)
+	}
+	a.log.Info("agent started", "listen", ln.Addr().String(), "admin", a.cfg.Admin,
+		"cert_expires", a.cert.NotAfter, "peers", len(a.peers))
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	a.goRun(func() { a.acceptLoop(ctx, ln) })
+	a.goRun(func() { admin.Serve(adm, a.log, a.handleAdmin) })
+	for _, p := range a.peers {
+		a.goRun(func() { a.dialLoop(ctx, p) })
+	}
+
+	<-ctx.Done()
+	a.log.Info("agent stopping")
+	ln.Close()
+	adm.Close()
+	a.closeLinks("agent shutting down")
+	a.wg.Wait()
+	os.Remove(a.cfg.Admin)
+	a.log.Info("agent stopped")
+	return nil
+}
+
+func (a *Agent) goRun(f func()) {
+	a.wg.Add(1)
+	go func() {
+		defer a.wg.Done()
+		f()
+	}()
+}
+
+// Addr-independent helpers for tests and the CLI.
+
+// Instance returns the agent's per-start instance id.
+func (a *Agent) Instance() [link.InstanceSize]byte { return a.instance }
+
+func (a *Agent) acceptLoop(ctx context.Context, ln net.Listener) {
+	for {
+		conn, err := ln.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) || ctx.Err() != nil {
+				return
+			}
+			a.log.Warn("peer accept", "err", err)
+			select {
+			case <-time.After(50 * time.Millisecond):
+			case <-ctx.Done():
+				return
+			}
+			continue
+		}
+		select {
+		case a.pending <- struct{}{}:
+		default:
+			a.log.Warn("peer connection refused: too many handshakes in progress",
+				"remote", conn.RemoteAddr().String(), "limit", cap(a.pending))
+			conn.Close()
+			continue
+		}
+		a.goRun(func() {
+			l, err := link.Accept(conn, a.linkCfg)
+			<-a.pending
+			if err != nil {
+				a.log.Warn("peer handshake failed", "remote", conn.RemoteAddr().String(), "err", err)
+				return
+			}
+			a.adopt(ctx, l)
+		})
+	}
+}
+
+// adopt decides whether an accepted, authenticated link becomes its peer's
+// link, and answers the initiator.
+func (a *Agent) adopt(ctx context.Context, l *link.Link) {
+	name := l.Peer().Name
+	if ctx.Err() != nil {
+		l.Refuse("agent shutting down")
+		return
+	}
+	if _, ok := a.peers[name]; !ok {
+		a.log.Warn("peer handshake refused: not a configured peer", "remote", l.RemoteAddr().String(), "peer", name)
+		l.Refuse(fmt.Sprintf("node %q is not a configured peer of %q", name, a.cfg.Node))
+		return
+	}
+	if reason, ok := a.register(l); !ok {
+		a.log.Debug("peer link refused", "peer", name, "reason", reason)
+		l.Refuse(reason)
+		return
+	}
+	if err := l.Confirm(); err != nil {
+		a.unregister(l)
+		return
+	}
+	a.goRun(func() { a.serve(l) })
+}
+
+// serve runs an up link until it closes.
+func (a *Agent) serve(l *link.Link) {
+	err := l.Serve(a)
+	a.unregister(l)
+	a.log.Info("peer link down", "peer", l.Peer().Name, "reason", err)
+}
+
+// HandleControl receives the agent control messages of a link. No agent
+// control op is defined yet: an unknown one is a protocol error that ends
+// the link.
+func (a *Agent) HandleControl(l *link.Link, msg []byte) {
+	a.log.Warn("peer sent an unknown control op; closing link", "peer", l.Peer().Name, "op", msg[0])
+	l.Close(fmt.Errorf("unknown control op %d", msg[0]))
+}

@@ -1,0 +1,283 @@
+package link
+
+import (
+	"crypto/ecdh"
+	"crypto/rand"
+	"crypto/subtle"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"time"
+
+	"github.com/flynn/noise"
+
+	"sinc.dev/sinc/internal/cert"
+)
+
+// The handshake, Noise_XX with a hello payload in messages 2 and 3:
+//
+//	initiator                                   responder
+//	    -> e                                        (msg 1)
+//	    <- e, ee, s, es, {hello: instance, cert}    (msg 2)
+//	    -> s, se, {hello: instance, cert}           (msg 3)
+//	    <- control frame: accept | reject(reason)
+//
+// Each handshake message travels as a 2-byte big-endian length and the
+// message. Each side checks the other's certificate (cluster CA, validity
+// now, certificate key = Noise static key) and its name: the initiator wants
+// the node it meant to dial, the responder asks the agent (Config.Authorize)
+// whether the node is a configured peer. The last step lets the responder
+// refuse with a reason the initiator can log, and lets the agent keep one
+// link per peer pair.
+
+var suite = noise.NewCipherSuite(noise.DH25519, noise.CipherAESGCM, noise.HashSHA256)
+
+// Config is one agent's side of its links.
+type Config struct {
+	Static   *ecdh.PrivateKey  // node's static X25519 key
+	Cert     *cert.Certificate // node's certificate, for Static's public key
+	Verifier *cert.Verifier    // the cluster CA
+	Instance [InstanceSize]byte
+
+	HandshakeTimeout time.Duration // whole handshake, accept frame included
+	Keepalive        time.Duration // send a keepalive when idle this long
+	DeadAfter        time.Duration // drop the link when nothing arrived this long
+
+	Now func() time.Time // clock for certificate validity; nil: time.Now
+}
+
+func (c *Config) now() time.Time {
+	if c.Now != nil {
+		return c.Now()
+	}
+	return time.Now()
+}
+
+func (c *Config) handshakeTimeout() time.Duration {
+	if c.HandshakeTimeout > 0 {
+		return c.HandshakeTimeout
+	}
+	return DefaultHandshakeTimeout
+}
+
+// NewInstance returns a fresh random instance id.
+func NewInstance() (id [InstanceSize]byte) {
+	rand.Read(id[:])
+	return id
+}
+
+// HandshakeError is a handshake that failed, with the step and the reason.
+type HandshakeError struct {
+	Peer string // the remote address
+	Step string
+	Err  error
+}
+
+func (e *HandshakeError) Error() string {
+	return fmt.Sprintf("handshake with %s: %s: %v", e.Peer, e.Step, e.Err)
+}
+
+func (e *HandshakeError) Unwrap() error { return e.Err }
+
+// Handshake errors a caller can test for.
+var (
+	ErrStaticKeyMismatch = errors.New("certificate key does not match the handshake's static key")
+	ErrWrongNode         = errors.New("certificate names a different node")
+	ErrRefused           = errors.New("refused by peer")
+)
+
+func (c *Config) noiseConfig(initiator bool) noise.Config {
+	return noise.Config{
+		CipherSuite:   suite,
+		Random:        rand.Reader,
+		Pattern:       noise.HandshakeXX,
+		Initiator:     initiator,
+		Prologue:      []byte(prologue),
+		StaticKeypair: noise.DHKey{Private: c.Static.Bytes(), Public: c.Static.PublicKey().Bytes()},
+	}
+}
+
+// checkPeer verifies the hello a peer sent in the handshake hs.
+func (c *Config) checkPeer(hs *noise.HandshakeState, payload []byte) (*hello, error) {
+	h, err := parseHello(payload)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.Verifier.Verify(h.cert, c.now()); err != nil {
+		return nil, err
+	}
+	if subtle.ConstantTimeCompare(hs.PeerStatic(), h.cert.PublicKey[:]) != 1 {
+		return nil, fmt.Errorf("node %q: %w", h.cert.Name, ErrStaticKeyMismatch)
+	}
+	return h, nil
+}
+
+// Dial runs the initiator's handshake on conn with a node expected to be
+// named peer. On success the link is up; on failure conn is closed.
+func Dial(conn net.Conn, c *Config, peer string) (*Link, error) {
+	l, err := dial(conn, c, peer)
+	if err != nil {
+		conn.Close()
+		return nil, &HandshakeError{Peer: conn.RemoteAddr().String(), Step: err.step, Err: err.err}
+	}
+	return l, nil
+}
+
+type stepError struct {
+	step string
+	err  error
+}
+
+func dial(conn net.Conn, c *Config, peer string) (*Link, *stepError) {
+	conn.SetDeadline(time.Now().Add(c.handshakeTimeout()))
+	hs, err := noise.NewHandshakeState(c.noiseConfig(true))
+	if err != nil {
+		return nil, &stepError{"setup", err}
+	}
+	msg, _, _, err := hs.WriteMessage(nil, nil)
+	if err != nil {
+		return nil, &stepError{"message 1", err}
+	}
+	if err := writeHandshake(conn, msg); err != nil {
+		return nil, &stepError{"send message 1", err}
+	}
+	msg, err = readHandshake(conn)
+	if err != nil {
+		return nil, &stepError{"read message 2", err}
+	}
+	payload, _, _, err := hs.ReadMessage(nil, msg)
+	if err != nil {
+		return nil, &stepError{"open message 2", err}
+	}
+	h, err := c.checkPeer(hs, payload)
+	if err != nil {
+		return nil, &stepError{"check responder", err}
+	}
+	if h.cert.Name != peer {
+		return nil, &stepError{"check responder", fmt.Errorf("%w: dialed %q, certificate is for %q", ErrWrongNode, peer, h.cert.Name)}
+	}
+	msg, send, recv, err := hs.WriteMessage(nil, (&hello{c.Instance, c.Cert}).marshal())
+	if err != nil {
+		return nil, &stepError{"message 3", err}
+	}
+	if err := writeHandshake(conn, msg); err != nil {
+		return nil, &stepError{"send message 3", err}
+	}
+	l, err := newLink(conn, c, h, true, send, recv)
+	if err != nil {
+		return nil, &stepError{"keys", err}
+	}
+	// The responder's verdict is the first control frame.
+	m, err := l.readControl()
+	if err != nil {
+		l.zero()
+		return nil, &stepError{"read verdict", err}
+	}
+	switch op, body := m[0], m[1:]; op {
+	case opAccept:
+	case opReject:
+		l.zero()
+		return nil, &stepError{"verdict", fmt.Errorf("%w: %s", ErrRefused, body)}
+	default:
+		l.zero()
+		return nil, &stepError{"verdict", fmt.Errorf("unexpected control op %d", op)}
+	}
+	conn.SetDeadline(time.Time{})
+	return l, nil
+}
+
+// Accept runs the responder's handshake on conn. On success the link is
+// authenticated but pending: the caller must Confirm or Refuse it. On failure
+// conn is closed.
+func Accept(conn net.Conn, c *Config) (*Link, error) {
+	l, err := accept(conn, c)
+	if err != nil {
+		conn.Close()
+		return nil, &HandshakeError{Peer: conn.RemoteAddr().String(), Step: err.step, Err: err.err}
+	}
+	return l, nil
+}
+
+func accept(conn net.Conn, c *Config) (*Link, *stepError) {
+	conn.SetDeadline(time.Now().Add(c.handshakeTimeout()))
+	hs, err := noise.NewHandshakeState(c.noiseConfig(false))
+	if err != nil {
+		return nil, &stepError{"setup", err}
+	}
+	msg, err := readHandshake(conn)
+	if err != nil {
+		return nil, &stepError{"read message 1", err}
+	}
+	if _, _, _, err := hs.ReadMessage(nil, msg); err != nil {
+		return nil, &stepError{"open message 1", err}
+	}
+	msg, _, _, err = hs.WriteMessage(nil, (&hello{c.Instance, c.Cert}).marshal())
+	if err != nil {
+		return nil, &stepError{"message 2", err}
+	}
+	if err := writeHandshake(conn, msg); err != nil {
+		return nil, &stepError{"send message 2", err}
+	}
+	msg, err = readHandshake(conn)
+	if err != nil {
+		return nil, &stepError{"read message 3", err}
+	}
+	payload, recv, send, err := hs.ReadMessage(nil, msg)
+	if err != nil {
+		return nil, &stepError{"open message 3", err}
+	}
+	h, err := c.checkPeer(hs, payload)
+	if err != nil {
+		return nil, &stepError{"check initiator", err}
+	}
+	l, err := newLink(conn, c, h, false, send, recv)
+	if err != nil {
+		return nil, &stepError{"keys", err}
+	}
+	return l, nil
+}
+
+// Confirm sends the accept verdict on a link from Accept; the link is up.
+func (l *Link) Confirm() error {
+	if err := l.sendControl([]byte{opAccept}); err != nil {
+		l.Close(err)
+		return err
+	}
+	l.conn.SetDeadline(time.Time{})
+	return nil
+}
+
+// Refuse sends a reject verdict with reason and closes the link.
+func (l *Link) Refuse(reason string) {
+	l.sendControl(append([]byte{opReject}, truncate(reason, 200)...))
+	l.Close(fmt.Errorf("refused: %s", reason))
+}
+
+func truncate(s string, n int) string {
+	if len(s) > n {
+		return s[:n]
+	}
+	return s
+}
+
+func writeHandshake(w io.Writer, msg []byte) error {
+	b := make([]byte, 2+len(msg))
+	binary.BigEndian.PutUint16(b, uint16(len(msg)))
+	copy(b[2:], msg)
+	_, err := w.Write(b)
+	return err
+}
+
+func readHandshake(r io.Reader) ([]byte, error) {
+	var n [2]byte
+	if _, err := io.ReadFull(r, n[:]); err != nil {
+		return nil, err
+	}
+	msg := make([]byte, binary.BigEndian.Uint16(n[:]))
+	if _, err := io.ReadFull(r, msg); err != nil {
+		return nil, err
+	}
+	return msg, nil
+}

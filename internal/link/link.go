@@ -1,0 +1,292 @@
+package link
+
+import (
+	"crypto/aes"
+	"crypto/cipher"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/flynn/noise"
+
+	"sinc.dev/sinc/internal/cert"
+)
+
+// Control ops the link itself handles; the agent's own ops start at
+// OpFirstAgent and reach its Handler.
+const (
+	opAccept    byte = 1
+	opReject    byte = 2
+	opKeepalive byte = 3
+	opClose     byte = 4
+
+	// OpFirstAgent is the first control op a Handler receives.
+	OpFirstAgent byte = 16
+)
+
+// ErrPeerClosed wraps the reason a peer gave when it closed the link.
+var ErrPeerClosed = errors.New("peer closed the link")
+
+// ErrDead is the error of a link on which nothing arrived for DeadAfter.
+var ErrDead = errors.New("peer silent past the dead-peer bound")
+
+// Link is an authenticated, encrypted connection to one peer agent. Its
+// methods are safe for concurrent use.
+type Link struct {
+	conn         net.Conn
+	peer         *cert.Certificate
+	peerInstance [InstanceSize]byte
+	initiator    bool
+	keepalive    time.Duration
+	deadAfter    time.Duration
+
+	wmu      sync.Mutex // guards send, sendN, wbuf and writes to conn
+	send     cipher.AEAD
+	sendN    uint64
+	wbuf     []byte
+	lastSend atomic.Int64 // unix nanos of the last frame written
+
+	recv  cipher.AEAD // used by the reading goroutine only
+	recvN uint64
+	rbuf  []byte
+
+	stats Stats
+
+	closeOnce sync.Once
+	done      chan struct{}
+	err       error // why the link closed; set before done is closed
+}
+
+// Stats counts a link's traffic. Fields are read with atomic loads.
+type Stats struct {
+	FramesOut, BytesOut atomic.Uint64
+	FramesIn, BytesIn   atomic.Uint64
+}
+
+func newLink(conn net.Conn, c *Config, h *hello, initiator bool, send, recv *noise.CipherState) (*Link, error) {
+	sk, rk := send.UnsafeKey(), recv.UnsafeKey()
+	defer clear(sk[:])
+	defer clear(rk[:])
+	sa, err := newAEAD(sk[:])
+	if err != nil {
+		return nil, err
+	}
+	ra, err := newAEAD(rk[:])
+	if err != nil {
+		return nil, err
+	}
+	l := &Link{
+		conn:         conn,
+		peer:         h.cert,
+		peerInstance: h.instance,
+		initiator:    initiator,
+		keepalive:    c.Keepalive,
+		deadAfter:    c.DeadAfter,
+		send:         sa,
+		recv:         ra,
+		wbuf:         make([]byte, 0, frameHeaderLen+MaxControlLen+tagLen),
+		rbuf:         make([]byte, frameHeaderLen+MaxFrameLen),
+		done:         make(chan struct{}),
+	}
+	if l.keepalive <= 0 {
+		l.keepalive = DefaultKeepalive
+	}
+	if l.deadAfter <= 0 {
+		l.deadAfter = DefaultDeadAfter
+	}
+	l.lastSend.Store(time.Now().UnixNano())
+	return l, nil
+}
+
+func newAEAD(key []byte) (cipher.AEAD, error) {
+	b, err := aes.NewCipher(key)
+	if err != nil {
+		return nil, err
+	}
+	return cipher.NewGCM(b)
+}
+
+// zero drops the link's keys and closes it; used when a handshake fails
+// after the keys exist.
+func (l *Link) zero() { l.Close(errors.New("handshake failed")) }
+
+// Peer returns the peer's verified certificate.
+func (l *Link) Peer() *cert.Certificate { return l.peer }
+
+// PeerInstance returns the peer agent's instance id.
+func (l *Link) PeerInstance() [InstanceSize]byte { return l.peerInstance }
+
+// Initiator reports whether this side dialed the link.
+func (l *Link) Initiator() bool { return l.initiator }
+
+// RemoteAddr returns the peer's address.
+func (l *Link) RemoteAddr() net.Addr { return l.conn.RemoteAddr() }
+
+// Stats returns the link's counters.
+func (l *Link) Stats() *Stats { return &l.stats }
+
+// Done is closed when the link has closed.
+func (l *Link) Done() <-chan struct{} { return l.done }
+
+// Err returns why the link closed, or nil while it is open.
+func (l *Link) Err() error {
+	select {
+	case <-l.done:
+		return l.err
+	default:
+		return nil
+	}
+}
+
+func nonce(n uint64) []byte {
+	var b [12]byte
+	binary.BigEndian.PutUint64(b[4:], n)
+	return b[:]
+}
+
+// Send sends one agent control message (first byte: its op, at least
+// OpFirstAgent).
+func (l *Link) Send(msg []byte) error {
+	if len(msg) == 0 || msg[0] < OpFirstAgent {
+		return fmt.Errorf("link: control op %d is reserved", firstByte(msg))
+	}
+	return l.sendControl(msg)
+}
+
+func firstByte(b []byte) byte {
+	if len(b) == 0 {
+		return 0
+	}
+	return b[0]
+}
+
+func (l *Link) sendControl(msg []byte) error {
+	if len(msg) > MaxControlLen {
+		return fmt.Errorf("link: control message of %d bytes exceeds %d", len(msg), MaxControlLen)
+	}
+	l.wmu.Lock()
+	defer l.wmu.Unlock()
+	if l.send == nil {
+		return l.closedErr()
+	}
+	b := l.wbuf[:frameHeaderLen]
+	putHeader(b, FrameControl, len(msg)+tagLen)
+	b = l.send.Seal(b, nonce(l.sendN), msg, b[:frameHeaderLen])
+	l.sendN++
+	l.conn.SetWriteDeadline(time.Now().Add(l.deadAfter))
+	if _, err := l.conn.Write(b); err != nil {
+		go l.Close(fmt.Errorf("write: %w", err))
+		return err
+	}
+	l.lastSend.Store(time.Now().UnixNano())
+	l.stats.FramesOut.Add(1)
+	l.stats.BytesOut.Add(uint64(len(b)))
+	return nil
+}
+
+func (l *Link) closedErr() error {
+	if err := l.Err(); err != nil {
+		return fmt.Errorf("link closed: %w", err)
+	}
+	return errors.New("link closed")
+}
+
+// readControl reads and opens one control frame.
+func (l *Link) readControl() ([]byte, error) {
+	hdr, body, typ, err := readFrame(l.conn, l.rbuf)
+	if err != nil {
+		return nil, err
+	}
+	l.stats.FramesIn.Add(1)
+	l.stats.BytesIn.Add(uint64(len(hdr) + len(body)))
+	if typ != FrameControl {
+		return nil, fmt.Errorf("%w %d", ErrFrameType, typ)
+	}
+	m, err := l.recv.Open(body[:0], nonce(l.recvN), body, hdr)
+	if err != nil {
+		return nil, fmt.Errorf("%w: control frame %d", ErrAuth, l.recvN)
+	}
+	l.recvN++
+	if len(m) == 0 {
+		return nil, errors.New("empty control message")
+	}
+	return m, nil
+}
+
+// Handler receives a link's agent control messages. The message aliases the
+// link's read buffer: it is valid only until Handle returns.
+type Handler interface {
+	HandleControl(l *Link, msg []byte)
+}
+
+// Serve reads frames until the link fails or is closed, handing agent
+// control messages to h and keeping the link alive. It returns why the link
+// closed.
+func (l *Link) Serve(h Handler) error {
+	go l.keepaliveLoop()
+	for {
+		l.conn.SetReadDeadline(time.Now().Add(l.deadAfter))
+		m, err := l.readControl()
+		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				err = fmt.Errorf("%w (%s)", ErrDead, l.deadAfter)
+			} else if err == io.EOF {
+				err = errors.New("connection closed by peer")
+			}
+			l.Close(err)
+			return l.err
+		}
+		switch m[0] {
+		case opKeepalive:
+		case opClose:
+			l.Close(fmt.Errorf("%w: %s", ErrPeerClosed, m[1:]))
+			return l.err
+		default:
+			if m[0] < OpFirstAgent {
+				l.Close(fmt.Errorf("unexpected control op %d", m[0]))
+				return l.err
+			}
+			h.HandleControl(l, m)
+		}
+	}
+}
+
+func (l *Link) keepaliveLoop() {
+	t := time.NewTicker(l.keepalive / 2)
+	defer t.Stop()
+	for {
+		select {
+		case <-l.done:
+			return
+		case <-t.C:
+			if time.Since(time.Unix(0, l.lastSend.Load())) >= l.keepalive {
+				l.sendControl([]byte{opKeepalive})
+			}
+		}
+	}
+}
+
+// Shutdown tells the peer why the link is closing, then closes it.
+func (l *Link) Shutdown(reason string) {
+	l.sendControl(append([]byte{opClose}, truncate(reason, 200)...))
+	l.Close(errors.New(reason))
+}
+
+// Close closes the link with err as its reason and drops its keys. Only the
+// first call has an effect.
+func (l *Link) Close(err error) {
+	l.closeOnce.Do(func() {
+		l.err = err
+		l.conn.Close()
+		close(l.done)
+		l.wmu.Lock()
+		l.send = nil
+		l.wmu.Unlock()
+	})
+}
