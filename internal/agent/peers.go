@@ -1,8 +1,8 @@
 package agent
 
 import (
-	"fmt"
 	"context"
+	"fmt"
 	"math/rand/v2"
 	"net"
 	"slices"
