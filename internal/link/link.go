@@ -127,6 +127,9 @@ func (l *Link) Initiator() bool { return l.initiator }
 // RemoteAddr returns the peer's address.
 func (l *Link) RemoteAddr() net.Addr { return l.conn.RemoteAddr() }
 
+// LocalAddr returns this side's address.
+func (l *Link) LocalAddr() net.Addr { return l.conn.LocalAddr() }
+
 // Stats returns the link's counters.
 func (l *Link) Stats() *Stats { return &l.stats }
 
