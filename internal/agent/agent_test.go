@@ -380,11 +380,11 @@ func TestAdminSocketBadRequests(t *testing.T) {
 		return out.String()
 	}
 	for req, code := range map[string]string{
-		"not json\n":                       "bad_request",
-		`{"v":1,"op":"peers"`:              "bad_request", // no newline, then EOF
-		`{"v":2,"op":"peers"}` + "\n":      "bad_version",
-		`{"v":1,"op":"keys"}` + "\n":       "unknown_op",
-		`{"v":1,"op":"peers","x":1}` + "\n": "bad_request",
+		"not json\n":                                    "bad_request",
+		`{"v":1,"op":"peers"`:                           "bad_request", // no newline, then EOF
+		`{"v":2,"op":"peers"}` + "\n":                   "bad_version",
+		`{"v":1,"op":"keys"}` + "\n":                    "unknown_op",
+		`{"v":1,"op":"peers","x":1}` + "\n":             "bad_request",
 		strings.Repeat("x", admin.MaxRequest+10) + "\n": "too_large",
 	} {
 		if got := ask(req); !strings.Contains(got, `"code":"`+code+`"`) {
