@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"time"
 )
 
@@ -109,7 +110,7 @@ func IssueNode(ca *Certificate, caKey ed25519.PrivateKey, pub *ecdh.PublicKey, r
 		NotBefore:  nb.Truncate(time.Second),
 		NotAfter:   na.Truncate(time.Second),
 		Issuer:     ca.Fingerprint(),
-		Partitions: req.Partitions,
+		Partitions: slices.Clone(req.Partitions), // not the caller's: it must stay what is signed
 	}
 	if c.NotAfter.After(ca.NotAfter) {
 		c.NotAfter = ca.NotAfter

@@ -35,6 +35,7 @@ import (
 	"fmt"
 	"slices"
 	"time"
+	"unicode/utf8"
 )
 
 // Kind says what a certificate certifies.
@@ -112,7 +113,8 @@ func ValidName(s string) error {
 		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9':
 		case (c == '-' || c == '_' || c == '.') && i > 0:
 		default:
-			return fmt.Errorf("name %q has %q at %d: use letters, digits, '-', '_' and '.', starting with a letter or digit", s, c, i)
+			r, _ := utf8.DecodeRuneInString(s[i:]) // name the character, not its first byte
+			return fmt.Errorf("name %q has %q at %d: use letters, digits, '-', '_' and '.', starting with a letter or digit", s, r, i)
 		}
 	}
 	return nil
@@ -243,6 +245,9 @@ func (c *Certificate) VerifyCA(now time.Time) error {
 	if c.Issuer != ([sha256.Size]byte{}) {
 		return fmt.Errorf("CA certificate %q is not self-signed", c.Name)
 	}
+	if len(c.raw) < ed25519.SignatureSize {
+		return fmt.Errorf("CA certificate %q is not signed", c.Name)
+	}
 	if !ed25519.Verify(c.PublicKey[:], c.raw[:len(c.raw)-ed25519.SignatureSize], c.Signature[:]) {
 		return fmt.Errorf("CA certificate %q: bad self-signature", c.Name)
 	}
@@ -300,6 +305,9 @@ func (v *Verifier) Verify(c *Certificate, now time.Time) error {
 	}
 	if Fingerprint(c.Issuer) != v.fp {
 		return fmt.Errorf("node %q: %w (issuer %.16s…, cluster CA %.16s…)", c.Name, ErrUnknownCA, Fingerprint(c.Issuer), v.fp)
+	}
+	if len(c.raw) < ed25519.SignatureSize {
+		return fmt.Errorf("node %q: certificate is not signed", c.Name)
 	}
 	if !ed25519.Verify(v.key, c.raw[:len(c.raw)-ed25519.SignatureSize], c.Signature[:]) {
 		return fmt.Errorf("node %q: certificate signature does not verify with the cluster CA key", c.Name)

@@ -1,6 +1,7 @@
 package cert
 
 import (
+	"bytes"
 	"crypto/ecdh"
 	"crypto/ed25519"
 	"encoding/pem"
@@ -35,6 +36,12 @@ func ParsePEM(data []byte) (*Certificate, error) {
 	b, rest := pem.Decode(data)
 	if b == nil {
 		return nil, errors.New("no PEM block found")
+	}
+	// pem.Decode skips whatever comes before a block it can decode; sinc
+	// takes nothing but the one block (and white space) as a certificate.
+	block := data[:len(data)-len(rest)]
+	if !bytes.HasPrefix(trimSpace(block), []byte("-----BEGIN ")) || bytes.Count(block, []byte("-----BEGIN ")) != 1 {
+		return nil, errors.New("data before the certificate's PEM block")
 	}
 	if b.Type != pemCert {
 		return nil, fmt.Errorf("PEM block is %q, want %q", b.Type, pemCert)
