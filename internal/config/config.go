@@ -31,6 +31,7 @@ package config
 import (
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -167,7 +168,10 @@ func readBounded(path string) ([]byte, error) {
 	if st.Size() > MaxFileSize {
 		return nil, fmt.Errorf("file is %d bytes, more than %d", st.Size(), MaxFileSize)
 	}
-	return os.ReadFile(path)
+	// Read no more than the bound plus one byte (for Parse to refuse) from
+	// the file that was checked: its size may have grown since, and a
+	// device or FIFO has none.
+	return io.ReadAll(io.LimitReader(f, MaxFileSize+1))
 }
 
 // Parse checks config data as if read from path (relative paths in it are
@@ -184,6 +188,13 @@ func Parse(path string, data []byte) (*Config, error) {
 			return nil, &Error{File: path, Err: fmt.Errorf("line %d: %s", pe.Position.Line, pe.Message)}
 		}
 		return nil, &Error{File: path, Err: err}
+	}
+	// The TOML decoder leaves a map empty, without an error, when the file
+	// gives it a value that is not a table ("peers = 3"): refuse that here.
+	for _, k := range []string{"partitions", "peers"} {
+		if t := md.Type(k); t != "" && t != "Hash" {
+			return nil, &Error{File: path, Field: k, Err: fmt.Errorf("is of TOML type %s: want one table per name, [%s.NAME]", t, k)}
+		}
 	}
 	if und := md.Undecoded(); len(und) > 0 {
 		return nil, &Error{File: path, Field: und[0].String(), Err: errors.New("unknown field")}
@@ -216,7 +227,7 @@ func Parse(path string, data []byte) (*Config, error) {
 	if f.Listen == "" {
 		return nil, fail("listen", errors.New("missing: the peer link address, host:port"))
 	}
-	if err := checkHostPort(f.Listen); err != nil {
+	if _, err := checkHostPort(f.Listen); err != nil {
 		return nil, fail("listen", err)
 	}
 	c.Listen = f.Listen
@@ -289,8 +300,12 @@ func Parse(path string, data []byte) (*Config, error) {
 		if p.Address == "" {
 			return nil, fail(field+".address", errors.New("missing: the peer's host:port"))
 		}
-		if err := checkHostPort(p.Address); err != nil {
+		port, err := checkHostPort(p.Address)
+		if err != nil {
 			return nil, fail(field+".address", err)
+		}
+		if port == 0 {
+			return nil, fail(field+".address", fmt.Errorf("%q has port 0: give the port the peer listens on", p.Address))
 		}
 		c.Peers[name] = Peer{Name: name, Address: p.Address}
 	}
@@ -304,22 +319,23 @@ func absPath(base, p string) string {
 	return filepath.Join(base, p)
 }
 
-func checkHostPort(s string) error {
+// checkHostPort checks a host:port address and returns its port.
+func checkHostPort(s string) (int, error) {
 	host, port, err := net.SplitHostPort(s)
 	if err != nil {
-		return fmt.Errorf("%q is not host:port", s)
+		return 0, fmt.Errorf("%q is not host:port", s)
 	}
 	if host == "" {
-		return fmt.Errorf("%q has no host", s)
+		return 0, fmt.Errorf("%q has no host", s)
 	}
 	if strings.ContainsAny(host, " /") {
-		return fmt.Errorf("%q has a bad host", s)
+		return 0, fmt.Errorf("%q has a bad host", s)
 	}
 	n, err := strconv.Atoi(port)
-	if err != nil || n < 0 || n > 65535 {
-		return fmt.Errorf("%q has a bad port", s)
+	if err != nil || n < 0 || n > 65535 || port[0] < '0' || port[0] > '9' { // no sign
+		return 0, fmt.Errorf("%q has a bad port", s)
 	}
-	return nil
+	return n, nil
 }
 
 func sortedKeys[V any](m map[string]V) []string {
