@@ -27,7 +27,7 @@ func runCAInit(args []string, stdout, stderr io.Writer) error {
 	dir := fs.String("dir", "", "folder for ca.key and ca.crt (required)")
 	name := fs.String("name", "sinc-cluster-ca", "the CA's name")
 	valid := fs.Duration("valid-for", cert.DefaultCAValidity, "validity period")
-	if err := parse(fs, args, 0); err != nil {
+	if _, err := parse(fs, args, 0); err != nil {
 		return err
 	}
 	if *dir == "" {
@@ -50,7 +50,7 @@ func runCASign(args []string, stdout, stderr io.Writer) error {
 	fs.Var(&parts, "partition", "a partition the node may host (repeat; at least one)")
 	valid := fs.Duration("valid-for", cert.DefaultNodeValidity, "validity period")
 	out := fs.String("out", "", "folder for NODE.key and NODE.crt (required)")
-	if err := parse(fs, args, 0); err != nil {
+	if _, err := parse(fs, args, 0); err != nil {
 		return err
 	}
 	switch {
@@ -78,10 +78,11 @@ func runCert(args []string, stdout, stderr io.Writer) error {
 		return usagef("want: cert show FILE")
 	}
 	fs := newFlags("cert show", stderr)
-	if err := parse(fs, args[1:], 1); err != nil {
+	pos, err := parse(fs, args[1:], 1)
+	if err != nil {
 		return err
 	}
-	c, err := cert.LoadCertificate(fs.Arg(0))
+	c, err := cert.LoadCertificate(pos[0])
 	if err != nil {
 		return err
 	}

@@ -38,8 +38,8 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// sinc runs the binary and returns stdout, stderr and the exit code.
-func sinc(t *testing.T, args ...string) (string, string, int) {
+// runSinc runs the binary and returns stdout, stderr and the exit code.
+func runSinc(t *testing.T, args ...string) (string, string, int) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -58,7 +58,7 @@ func sinc(t *testing.T, args ...string) (string, string, int) {
 
 func mustSinc(t *testing.T, args ...string) string {
 	t.Helper()
-	out, errs, code := sinc(t, args...)
+	out, errs, code := runSinc(t, args...)
 	if code != 0 {
 		t.Fatalf("sinc %v: exit %d\n%s%s", args, code, out, errs)
 	}
@@ -91,7 +91,7 @@ func TestCAWorkflow(t *testing.T) {
 	dir := shortTemp(t)
 	ca := filepath.Join(dir, "ca")
 	mustSinc(t, "ca", "init", "--dir", ca)
-	if _, errs, code := sinc(t, "ca", "init", "--dir", ca); code == 0 || !strings.Contains(errs, "refusing to replace") {
+	if _, errs, code := runSinc(t, "ca", "init", "--dir", ca); code == 0 || !strings.Contains(errs, "refusing to replace") {
 		t.Fatalf("second ca init: exit %d, %q", code, errs)
 	}
 	out := mustSinc(t, "ca", "sign", "--dir", ca, "--node", "node-a", "--partition", "web", "--partition", "db",
@@ -127,7 +127,7 @@ func TestCAWorkflow(t *testing.T) {
 		{"agent"},
 		{"nosuch"},
 	} {
-		if _, errs, code := sinc(t, args...); code == 0 || errs == "" {
+		if _, errs, code := runSinc(t, args...); code == 0 || errs == "" {
 			t.Errorf("sinc %v: exit %d, stderr %q; want a failure with a reason", args, code, errs)
 		}
 	}
@@ -147,7 +147,7 @@ func TestAgentRefusesBadConfig(t *testing.T) {
 		{string(good) + "\n[partitions.other]\nsocket = \"x.sock\"\n", `partition "other" is not in the node's certificate`},
 	} {
 		os.WriteFile(n.Config, []byte(tc.edit), 0o600)
-		_, errs, code := sinc(t, "agent", "--config", n.Config)
+		_, errs, code := runSinc(t, "agent", "--config", n.Config)
 		if code == 0 || !strings.Contains(errs, tc.want) {
 			t.Errorf("exit %d, stderr %q; want %q", code, errs, tc.want)
 		}
@@ -157,7 +157,7 @@ func TestAgentRefusesBadConfig(t *testing.T) {
 	}
 	os.WriteFile(n.Config, good, 0o600)
 	os.Chmod(filepath.Join(n.Dir, "node-a.key"), 0o640)
-	_, errs, code := sinc(t, "agent", "--config", n.Config)
+	_, errs, code := runSinc(t, "agent", "--config", n.Config)
 	if code == 0 || !strings.Contains(errs, "node-a.key has mode 0640") {
 		t.Errorf("loose key: exit %d, stderr %q", code, errs)
 	}
@@ -187,7 +187,7 @@ func waitState(t *testing.T, n *cluster.Node, peer, state string, limit time.Dur
 	start := time.Now()
 	for {
 		var r admin.PeerRow
-		if _, _, code := sinc(t, "peers", "--admin", n.Admin); code == 0 { // the agent is serving
+		if _, _, code := runSinc(t, "peers", "--admin", n.Admin); code == 0 { // the agent is serving
 			r = peerRow(t, n.Admin, peer)
 			if r.State == state || state == "down" && r.State == "connecting" {
 				return time.Since(start)
@@ -281,12 +281,17 @@ func TestAgentsEndToEnd(t *testing.T) {
 
 func TestDemo(t *testing.T) {
 	out := mustSinc(t, "demo")
-	for _, want := range []string{"peers of node-a:", "peers of node-b:", "demo done"} {
+	for _, want := range []string{
+		"peers of node-a:",
+		"echo: hello from node-a/web to node-b/db",    // across nodes
+		"echo: hello from node-a/web to node-a/batch", // across partitions of one node
+		"connections of node-a:", "connections of node-b:",
+		"node-b/db/echo", // node-a's row names the remote service
+		"denied (by node-b)", "denied (by node-a)", // each agent's policy, named
+		"demo done",
+	} {
 		if !strings.Contains(out, want) {
 			t.Fatalf("demo output lacks %q:\n%s", want, out)
 		}
-	}
-	if strings.Count(out, " up ") < 2 {
-		t.Fatalf("demo did not show both links up:\n%s", out)
 	}
 }

@@ -24,6 +24,15 @@ commands:
   agent --config FILE  run a node's agent
   peers --admin PATH [--json]
                        list an agent's peer links
+  dial ADDR [--socket PATH] [--message]
+                       open a channel to node/partition/service; stdin and
+                       stdout are its two directions (netcat-like)
+  listen SERVICE [--socket PATH] [--exec CMD]
+                       accept a channel (or, with --exec, run CMD for each)
+  conns [--socket PATH | --admin PATH] [--json]
+                       the connection table: a partition's rows, or all
+  stats --admin PATH [--json]
+                       an agent's data path counters (rejections by reason)
   demo                 run a local two-node cluster and show it working
 
 Run "sinc COMMAND -h" for a command's flags.
@@ -33,11 +42,15 @@ Run "sinc COMMAND -h" for a command's flags.
 type command func(args []string, stdout, stderr io.Writer) error
 
 var commands = map[string]command{
-	"ca":    runCA,
-	"cert":  runCert,
-	"agent": runAgent,
-	"peers": runPeers,
-	"demo":  runDemo,
+	"ca":     runCA,
+	"cert":   runCert,
+	"agent":  runAgent,
+	"peers":  runPeers,
+	"dial":   runDial,
+	"listen": runListen,
+	"conns":  runConns,
+	"stats":  runStats,
+	"demo":   runDemo,
 }
 
 func main() {
@@ -86,19 +99,26 @@ func newFlags(name string, stderr io.Writer) *flag.FlagSet {
 	return fs
 }
 
-// parse parses args into fs, refusing stray positional arguments beyond
-// want.
-func parse(fs *flag.FlagSet, args []string, want int) error {
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return err
+// parse parses args into fs, flags before or after the positional
+// arguments, and returns exactly want positional arguments.
+func parse(fs *flag.FlagSet, args []string, want int) ([]string, error) {
+	var pos []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			if errors.Is(err, flag.ErrHelp) {
+				return nil, err
+			}
+			return nil, usageError{err.Error()}
 		}
-		return usageError{err.Error()}
+		if args = fs.Args(); len(args) == 0 {
+			break
+		}
+		pos, args = append(pos, args[0]), args[1:]
 	}
-	if fs.NArg() != want {
-		return usagef("want %d argument(s), got %d: %q", want, fs.NArg(), fs.Args())
+	if len(pos) != want {
+		return nil, usagef("want %d argument(s), got %d: %q", want, len(pos), pos)
 	}
-	return nil
+	return pos, nil
 }
 
 // multiFlag collects a repeated string flag.

@@ -15,7 +15,7 @@ func runPeers(args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("peers", stderr)
 	path := fs.String("admin", "", "the agent's admin socket (required)")
 	asJSON := fs.Bool("json", false, "print JSON")
-	if err := parse(fs, args, 0); err != nil {
+	if _, err := parse(fs, args, 0); err != nil {
 		return err
 	}
 	if *path == "" {

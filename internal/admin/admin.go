@@ -19,6 +19,8 @@ import (
 	"net"
 	"sync"
 	"time"
+
+	"sinc.dev/sinc/internal/local"
 )
 
 const (
@@ -32,15 +34,17 @@ const (
 // Request is one admin request.
 type Request struct {
 	V  int    `json:"v"`
-	Op string `json:"op"` // "peers"
+	Op string `json:"op"` // "peers", "conns" or "stats"
 }
 
 // Response is the agent's answer.
 type Response struct {
-	OK    bool      `json:"ok"`
-	Error *Error    `json:"error,omitempty"`
-	Node  string    `json:"node,omitempty"`
-	Peers []PeerRow `json:"peers,omitempty"`
+	OK       bool              `json:"ok"`
+	Error    *Error            `json:"error,omitempty"`
+	Node     string            `json:"node,omitempty"`
+	Peers    []PeerRow         `json:"peers,omitempty"`
+	Conns    []local.Conn      `json:"conns,omitempty"`
+	Counters map[string]uint64 `json:"counters,omitempty"`
 }
 
 // Error is a failed request.

@@ -12,12 +12,16 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"sinc.dev/sinc/internal/admin"
 	"sinc.dev/sinc/internal/cert"
 	"sinc.dev/sinc/internal/config"
+	"sinc.dev/sinc/internal/ident"
 	"sinc.dev/sinc/internal/link"
+	"sinc.dev/sinc/internal/policy"
+	"sinc.dev/sinc/internal/wire"
 )
 
 // Agent is one node's agent.
@@ -28,10 +32,23 @@ type Agent struct {
 	linkCfg  *link.Config
 	instance [link.InstanceSize]byte
 
-	pending chan struct{} // one token per handshake in progress
+	pending   chan struct{} // one token per handshake in progress
+	accepting chan struct{} // one token per channel accept in progress
 
 	mu    sync.Mutex
 	peers map[string]*peer
+
+	partitions map[string]*partition // fixed after start
+	self       *selfCarrier
+	policy     atomic.Pointer[policy.Policy]
+	tables     *tables
+	counters   counters
+
+	procMu sync.Mutex
+	procs  map[ident.Key]int // channels per process
+
+	localMu    sync.Mutex
+	localConns map[*net.UnixConn]struct{} // process connections being served; nil once stopping
 
 	wg sync.WaitGroup // every goroutine the agent started
 }
@@ -71,13 +88,20 @@ func New(cfg *config.Config, log *slog.Logger) (*Agent, error) {
 		return nil, fmt.Errorf("key %s does not match the public key in cert %s", cfg.Key, cfg.Cert)
 	}
 	a := &Agent{
-		cfg:      cfg,
-		log:      log.With("node", cfg.Node),
-		cert:     c,
-		instance: link.NewInstance(),
-		pending:  make(chan struct{}, cfg.Limits.PendingHandshakes),
-		peers:    make(map[string]*peer, len(cfg.Peers)),
+		cfg:        cfg,
+		log:        log.With("node", cfg.Node),
+		cert:       c,
+		instance:   link.NewInstance(),
+		pending:    make(chan struct{}, cfg.Limits.PendingHandshakes),
+		accepting:  make(chan struct{}, maxAccepting),
+		peers:      make(map[string]*peer, len(cfg.Peers)),
+		partitions: make(map[string]*partition, len(cfg.Partitions)),
+		tables:     newTables(cfg.Limits.Channels),
+		procs:      map[ident.Key]int{},
+		localConns: map[*net.UnixConn]struct{}{},
 	}
+	a.self = &selfCarrier{a}
+	a.policy.Store(cfg.Policy)
 	a.linkCfg = &link.Config{
 		Static:           key,
 		Cert:             c,
@@ -88,10 +112,15 @@ func New(cfg *config.Config, log *slog.Logger) (*Agent, error) {
 		DeadAfter:        cfg.Timers.DeadAfter,
 	}
 	for name, p := range cfg.Peers {
-		a.peers[name] = newPeer(name, p.Address)
+		pr := newPeer(name, p.Address)
+		pr.carrier = &peerCarrier{a: a, p: pr}
+		a.peers[name] = pr
 	}
 	return a, nil
 }
+
+// maxAccepting bounds the channel opens from peers being accepted at once.
+const maxAccepting = 256
 
 func mustX25519(b []byte) *ecdh.PublicKey {
 	k, err := ecdh.X25519().NewPublicKey(b)
@@ -117,18 +146,28 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("peer listener: %w", err)
 	}
-	adm, err := listenUnix(a.cfg.Admin, 0o600)
+	adm, err := listenUnix(a.cfg.Admin, socketPerm{mode: 0o600, uid: -1, gid: -1, dirMode: 0o700})
 	if err != nil {
 		ln.Close()
 		return fmt.Errorf("admin socket: %w", err)
 	}
+	if err := a.listenPartitions(); err != nil {
+		ln.Close()
+		adm.Close()
+		os.Remove(a.cfg.Admin)
+		return err
+	}
 	a.log.Info("agent started", "listen", ln.Addr().String(), "admin", a.cfg.Admin,
-		"cert_expires", a.cert.NotAfter, "peers", len(a.peers))
+		"partitions", len(a.partitions), "peers", len(a.peers), "policy_rules", a.policy.Load().Len(),
+		"cert_expires", a.cert.NotAfter)
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	a.goRun(func() { a.acceptLoop(ctx, ln) })
 	a.goRun(func() { admin.Serve(adm, a.log, a.handleAdmin) })
+	for _, p := range a.partitions {
+		a.goRun(func() { a.acceptLocal(p) })
+	}
 	for _, p := range a.peers {
 		a.goRun(func() { a.dialLoop(ctx, p) })
 	}
@@ -137,10 +176,33 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.log.Info("agent stopping")
 	ln.Close()
 	adm.Close()
+	a.closePartitions()
+	a.localMu.Lock()
+	for c := range a.localConns {
+		c.Close()
+	}
+	a.localConns = nil
+	a.localMu.Unlock()
+	for _, ch := range a.tables.all() {
+		ch.abort(wire.CodeAgentGone, "agent "+a.cfg.Node+" is shutting down", true)
+	}
 	a.closeLinks("agent shutting down")
 	a.wg.Wait()
 	os.Remove(a.cfg.Admin)
 	a.log.Info("agent stopped")
+	return nil
+}
+
+// Reload rereads the config file and takes its policy; a bad file keeps the
+// policy in force. Other changes need a restart.
+func (a *Agent) Reload() error {
+	cfg, err := config.Load(a.cfg.Path)
+	if err != nil {
+		a.log.Error("reload failed; keeping the policy in force", "err", err)
+		return err
+	}
+	a.policy.Store(cfg.Policy)
+	a.log.Info("policy reloaded", "rules", cfg.Policy.Len())
 	return nil
 }
 
@@ -222,12 +284,4 @@ func (a *Agent) serve(l *link.Link) {
 	err := l.Serve(a)
 	a.unregister(l)
 	a.log.Info("peer link down", "peer", l.Peer().Name, "reason", err)
-}
-
-// HandleControl receives the agent control messages of a link. No agent
-// control op is defined yet: an unknown one is a protocol error that ends
-// the link.
-func (a *Agent) HandleControl(l *link.Link, msg []byte) {
-	a.log.Warn("peer sent an unknown control op; closing link", "peer", l.Peer().Name, "op", msg[0])
-	l.Close(fmt.Errorf("unknown control op %d", msg[0]))
 }

@@ -10,6 +10,7 @@ import (
 
 	"sinc.dev/sinc/internal/admin"
 	"sinc.dev/sinc/internal/link"
+	"sinc.dev/sinc/internal/local"
 )
 
 // peer is one row of the peer table; fields are guarded by Agent.mu.
@@ -20,6 +21,7 @@ type peer struct {
 	since      time.Time
 	lastErr    string
 	changed    chan struct{} // closed and replaced at every state change
+	carrier    *peerCarrier  // carries the channels to this peer
 
 	// traffic of links already closed
 	framesOut, bytesOut, framesIn, bytesIn uint64
@@ -73,6 +75,9 @@ func (a *Agent) register(l *link.Link) (reason string, ok bool) {
 			if ci != ni && ci < ni {
 				return "a link between these agents is already up (dialed by " + ci + ")", false
 			}
+		} else {
+			// The peer restarted: the channels it held are gone with it.
+			a.goRun(func() { a.abortPeer(p.carrier, "agent "+p.name+" restarted") })
 		}
 		a.retire(p, cur)
 		a.goRun(func() { cur.Shutdown("replaced by a newer link") }) // it writes: not under a.mu
@@ -99,6 +104,7 @@ func (a *Agent) unregister(l *link.Link) {
 		msg = err.Error()
 	}
 	p.setState(stateDown, msg)
+	a.goRun(func() { a.abortPeer(p.carrier, "the link to "+p.name+" was lost: "+msg) })
 }
 
 // retire adds a closing link's counters to its peer's totals.
@@ -145,7 +151,7 @@ func (a *Agent) dialLoop(ctx context.Context, p *peer) {
 			}
 		}
 
-		err := a.dial(ctx, p)
+		err := a.dialPeer(ctx, p)
 		if ctx.Err() != nil {
 			return
 		}
@@ -171,8 +177,8 @@ func (a *Agent) dialLoop(ctx context.Context, p *peer) {
 	}
 }
 
-// dial makes one attempt to link to p.
-func (a *Agent) dial(ctx context.Context, p *peer) error {
+// dialPeer makes one attempt to link to p.
+func (a *Agent) dialPeer(ctx context.Context, p *peer) error {
 	d := net.Dialer{Timeout: a.cfg.Timers.Handshake}
 	conn, err := d.DialContext(ctx, "tcp", p.addr)
 	if err != nil {
@@ -227,6 +233,15 @@ func (a *Agent) handleAdmin(req admin.Request) *admin.Response {
 	switch req.Op {
 	case "peers":
 		return &admin.Response{OK: true, Node: a.cfg.Node, Peers: a.peerRows()}
+	case "conns":
+		rows := []local.Conn{}
+		for _, ch := range a.tables.all() {
+			rows = append(rows, ch.row())
+		}
+		sortRows(rows)
+		return &admin.Response{OK: true, Node: a.cfg.Node, Conns: rows}
+	case "stats":
+		return &admin.Response{OK: true, Node: a.cfg.Node, Counters: a.counters.snapshot()}
 	}
-	return admin.Fail("unknown_op", fmt.Sprintf("unknown op %.40q; this agent knows: peers", req.Op))
+	return admin.Fail("unknown_op", fmt.Sprintf("unknown op %.40q; this agent knows: peers, conns, stats", req.Op))
 }

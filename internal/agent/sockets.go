@@ -10,14 +10,21 @@ import (
 	"time"
 )
 
-// listenUnix listens on a Unix socket at path with the given mode. The
-// socket's folder is made (0700) if missing; an existing folder must belong
-// to the agent's user and be writable by it alone, so nobody else can swap
-// the socket. A stale socket from an agent that died is replaced; a live one
-// is an error.
-func listenUnix(path string, mode os.FileMode) (*net.UnixListener, error) {
+// socketPerm is who may connect to a socket the agent makes.
+type socketPerm struct {
+	mode     os.FileMode
+	uid, gid int         // owner and group; -1 keeps the agent's
+	dirMode  os.FileMode // for a folder the agent makes
+}
+
+// listenUnix listens on a Unix socket at path with the given permissions.
+// The socket's folder is made if missing; an existing folder must belong to
+// the agent's user and be writable by it alone, so nobody else can swap the
+// socket. A stale socket from an agent that died is replaced; a live one is
+// an error.
+func listenUnix(path string, perm socketPerm) (*net.UnixListener, error) {
 	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	if err := os.MkdirAll(dir, perm.dirMode); err != nil {
 		return nil, err
 	}
 	st, err := os.Lstat(dir)
@@ -56,7 +63,14 @@ func listenUnix(path string, mode os.FileMode) (*net.UnixListener, error) {
 		return nil, err
 	}
 	ln.SetUnlinkOnClose(false) // the agent removes it after serving ends
-	if err := os.Chmod(path, mode); err != nil {
+	if perm.uid >= 0 || perm.gid >= 0 {
+		if err := os.Lchown(path, perm.uid, perm.gid); err != nil {
+			ln.Close()
+			os.Remove(path)
+			return nil, err
+		}
+	}
+	if err := os.Chmod(path, perm.mode); err != nil {
 		ln.Close()
 		os.Remove(path)
 		return nil, err

@@ -23,6 +23,11 @@ import (
 type NodeSpec struct {
 	Name       string
 	Partitions []string
+	// Extra is TOML appended to the node's config: policy rules, limits,
+	// partition socket modes.
+	Extra string
+	// PartitionExtra is TOML added to a partition's table (mode, owner…).
+	PartitionExtra map[string]string
 }
 
 // Timers overrides the agents' timers (empty fields keep the defaults).
@@ -40,6 +45,7 @@ type Cluster struct {
 
 // Node is one node's files and addresses.
 type Node struct {
+	Spec       NodeSpec
 	Name       string
 	Dir        string
 	Config     string
@@ -54,11 +60,14 @@ type Node struct {
 func Make(dir string, specs []NodeSpec, timers Timers) (*Cluster, error) {
 	now := time.Now()
 	c := &Cluster{Dir: dir, CADir: filepath.Join(dir, "ca"), Nodes: map[string]*Node{}}
+	if err := os.Chmod(dir, 0o755); err != nil {
+		return nil, err
+	}
 	if _, err := cert.InitCA(c.CADir, "sinc-local-ca", cert.DefaultCAValidity, now); err != nil {
 		return nil, err
 	}
 	for _, s := range specs {
-		n := &Node{Name: s.Name, Dir: filepath.Join(dir, s.Name), Partitions: map[string]string{}}
+		n := &Node{Spec: s, Name: s.Name, Dir: filepath.Join(dir, s.Name), Partitions: map[string]string{}}
 		if _, err := cert.SignNode(c.CADir, n.Dir, cert.NodeRequest{Node: s.Name, Partitions: s.Partitions, ValidFor: 24 * time.Hour}, now); err != nil {
 			return nil, err
 		}
@@ -69,7 +78,12 @@ func Make(dir string, specs []NodeSpec, timers Timers) (*Cluster, error) {
 		n.Listen = fmt.Sprintf("127.0.0.1:%d", port)
 		n.Admin = filepath.Join(n.Dir, "run", "admin.sock")
 		for _, p := range s.Partitions {
-			n.Partitions[p] = filepath.Join(n.Dir, "run", p+".sock")
+			n.Partitions[p] = filepath.Join(n.Dir, "part", p+".sock")
+		}
+		// Processes of other users must reach the partition sockets: the
+		// folders on the way are searchable (the keys in them stay 0600).
+		if err := os.Chmod(n.Dir, 0o755); err != nil {
+			return nil, err
 		}
 		n.Config = filepath.Join(n.Dir, "agent.toml")
 		c.Nodes[s.Name] = n
@@ -95,14 +109,15 @@ func (c *Cluster) writeConfig(n *Node, t Timers) error {
 			fmt.Fprintf(&b, "%s = %q\n", kv[0], kv[1])
 		}
 	}
-	for p, sock := range n.Partitions {
-		fmt.Fprintf(&b, "\n[partitions.%s]\nsocket = %q\n", p, sock)
+	for _, p := range n.Spec.Partitions {
+		fmt.Fprintf(&b, "\n[partitions.%s]\nsocket = %q\n%s\n", p, n.Partitions[p], n.Spec.PartitionExtra[p])
 	}
 	for _, other := range c.order {
 		if other != n.Name {
 			fmt.Fprintf(&b, "\n[peers.%s]\naddress = %q\n", other, c.Nodes[other].Listen)
 		}
 	}
+	b.WriteString("\n" + n.Spec.Extra + "\n")
 	return os.WriteFile(n.Config, []byte(b.String()), 0o600)
 }
 

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+
+	"sinc.dev/sinc/internal/wire"
 )
 
 // A transport frame on the link, after the handshake:
@@ -24,10 +26,16 @@ import (
 // frames it sent and received, so a dropped, reordered or replayed frame
 // fails to open.
 
-// Frame types.
+// Frame types. A data frame's body is laid out and sealed by the agent with
+// a channel key (wire.FrameData, drawn in package wire); the link only
+// carries it.
 const (
 	FrameControl byte = 1
+	FrameData         = wire.FrameData
 )
+
+// Every data frame fits in a link frame.
+const _ uint = MaxFrameLen - (wire.MaxDataFrame - 4)
 
 const (
 	frameHeaderLen = 5
@@ -55,6 +63,10 @@ func parseHeader(h []byte) (typ byte, n int, err error) {
 	case FrameControl:
 		if l < 1+tagLen {
 			return 0, 0, fmt.Errorf("%w: control frame length %d", ErrFrameTooSmall, l)
+		}
+	case FrameData:
+		if l < wire.DataHeaderLen-4+wire.TagLen {
+			return 0, 0, fmt.Errorf("%w: data frame length %d", ErrFrameTooSmall, l)
 		}
 	default:
 		return 0, 0, fmt.Errorf("%w %d", ErrFrameType, typ)

@@ -33,7 +33,7 @@ func FuzzReadFrame(f *testing.F) {
 				}
 				return
 			}
-			if len(hdr) != frameHeaderLen || len(body) > MaxFrameLen || typ != FrameControl {
+			if len(hdr) != frameHeaderLen || len(body) > MaxFrameLen || (typ != FrameControl && typ != FrameData) {
 				t.Fatalf("bad frame: hdr %d body %d type %d", len(hdr), len(body), typ)
 			}
 		}

@@ -199,32 +199,64 @@ func (l *Link) closedErr() error {
 	return errors.New("link closed")
 }
 
+// SendData writes one data frame, laid out and sealed by the caller (its
+// first 5 bytes are the link frame header).
+func (l *Link) SendData(frame []byte) error {
+	l.wmu.Lock()
+	defer l.wmu.Unlock()
+	if l.send == nil {
+		return l.closedErr()
+	}
+	l.conn.SetWriteDeadline(time.Now().Add(l.deadAfter))
+	if _, err := l.conn.Write(frame); err != nil {
+		go l.Close(fmt.Errorf("write: %w", err))
+		return err
+	}
+	l.lastSend.Store(time.Now().UnixNano())
+	l.stats.FramesOut.Add(1)
+	l.stats.BytesOut.Add(uint64(len(frame)))
+	return nil
+}
+
 // readControl reads and opens one control frame.
 func (l *Link) readControl() ([]byte, error) {
+	m, data, err := l.read()
+	if err == nil && data != nil {
+		err = fmt.Errorf("%w: data frame before the link is up", ErrFrameType)
+	}
+	return m, err
+}
+
+// read reads one frame: a control frame is opened and returned as msg; a
+// data frame is returned whole as data, aliasing the read buffer.
+func (l *Link) read() (msg, data []byte, err error) {
 	hdr, body, typ, err := readFrame(l.conn, l.rbuf)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	l.stats.FramesIn.Add(1)
 	l.stats.BytesIn.Add(uint64(len(hdr) + len(body)))
-	if typ != FrameControl {
-		return nil, fmt.Errorf("%w %d", ErrFrameType, typ)
+	if typ == FrameData {
+		return nil, l.rbuf[:len(hdr)+len(body)], nil
 	}
 	m, err := l.recv.Open(body[:0], nonce(l.recvN), body, hdr)
 	if err != nil {
-		return nil, fmt.Errorf("%w: control frame %d", ErrAuth, l.recvN)
+		return nil, nil, fmt.Errorf("%w: control frame %d", ErrAuth, l.recvN)
 	}
 	l.recvN++
 	if len(m) == 0 {
-		return nil, errors.New("empty control message")
+		return nil, nil, errors.New("empty control message")
 	}
-	return m, nil
+	return m, nil, nil
 }
 
-// Handler receives a link's agent control messages. The message aliases the
-// link's read buffer: it is valid only until Handle returns.
+// Handler receives what arrives on a link: agent control messages, opened,
+// and data frames, whole and still sealed. Both alias the link's read
+// buffer: they are valid only until the call returns. The calls come from
+// the link's one reading goroutine, so they must not block.
 type Handler interface {
 	HandleControl(l *Link, msg []byte)
+	HandleData(l *Link, frame []byte)
 }
 
 // Serve reads frames until the link fails or is closed, handing agent
@@ -234,7 +266,7 @@ func (l *Link) Serve(h Handler) error {
 	go l.keepaliveLoop()
 	for {
 		l.conn.SetReadDeadline(time.Now().Add(l.deadAfter))
-		m, err := l.readControl()
+		m, data, err := l.read()
 		if err != nil {
 			var ne net.Error
 			if errors.As(err, &ne) && ne.Timeout() {
@@ -244,6 +276,10 @@ func (l *Link) Serve(h Handler) error {
 			}
 			l.Close(err)
 			return l.err
+		}
+		if data != nil {
+			h.HandleData(l, data)
+			continue
 		}
 		switch m[0] {
 		case opKeepalive:

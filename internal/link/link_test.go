@@ -121,6 +121,10 @@ func (r *recorder) HandleControl(l *Link, msg []byte) {
 	r.got <- struct{}{}
 }
 
+func (r *recorder) HandleData(l *Link, frame []byte) {
+	r.HandleControl(l, append([]byte{0}, frame...)) // op 0 marks a data frame
+}
+
 func (r *recorder) wait(t testing.TB, n int) [][]byte {
 	t.Helper()
 	for range n {
@@ -511,5 +515,6 @@ func BenchmarkControlFrames(b *testing.B) {
 type handlerFunc func(*Link, []byte)
 
 func (f handlerFunc) HandleControl(l *Link, m []byte) { f(l, m) }
+func (f handlerFunc) HandleData(*Link, []byte)        {}
 
 func byteSize(n int) string { return fmt.Sprintf("%dB", n) }

@@ -1,0 +1,379 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"sinc.dev/sinc/internal/link"
+	"sinc.dev/sinc/internal/local"
+	"sinc.dev/sinc/internal/policy"
+	"sinc.dev/sinc/internal/wire"
+)
+
+// Channel open (DESIGN.md §5, claims 1, 8, 10, 11):
+//
+//	dialing agent A                            accepting agent B
+//	check policy, pick index iA, key kA
+//	(for traffic to A), enter channel   --Open{iA, connA, kA, src, dst}-->
+//	                                           check: link's node = src node;
+//	                                           src partition in its cert; dst
+//	                                           partition and service here;
+//	                                           policy; no such channel yet.
+//	                                           store kA, pick iB, kB, enter
+//	store kB, channel open  <--Accept{iA, connA, iB, connB, kB}--
+//
+// or B answers Refuse{code, by, reason}, which reaches the dialing process
+// as a typed error naming the agent that refused.
+
+// dial opens a channel for a process of partition p. On success the channel
+// is running with sock as its data socket; otherwise the error says why.
+func (a *Agent) dial(p *partition, proc *procRef, sock *net.UnixConn, rd io.Reader, req *local.Request) (*channel, *local.Error) {
+	fail := func(code wire.Code, by, format string, args ...any) (*channel, *local.Error) {
+		return nil, &local.Error{Code: code.String(), Message: fmt.Sprintf(format, args...), By: by}
+	}
+	kind := wire.Stream
+	switch req.Kind {
+	case "", local.KindStream:
+	case local.KindMessage:
+		kind = wire.Message
+	default:
+		return fail(wire.CodeBadRequest, "", "kind %.20q is not stream or message", req.Kind)
+	}
+	addr, err := local.ParseAddr(req.To)
+	if err != nil {
+		return fail(wire.CodeBadRequest, "", "%v", err)
+	}
+	deadline := time.Now().Add(a.cfg.Timers.Open)
+
+	var car carrier
+	if addr.Node == a.cfg.Node {
+		car = a.self
+	} else {
+		pr := a.peers[addr.Node]
+		if pr == nil {
+			return fail(wire.CodeNoSuchNode, a.cfg.Node, "node %q is not a peer of %s", addr.Node, a.cfg.Node)
+		}
+		if err := a.waitLink(pr, deadline); err != nil {
+			return fail(wire.CodeUnreachable, a.cfg.Node, "node %q: %v", addr.Node, err)
+		}
+		car = pr.carrier
+	}
+	src := policy.Source{Node: a.cfg.Node, Partition: p.name, UID: proc.uid}
+	if !a.policy.Load().Allows(src, policy.Dest{Node: addr.Node, Partition: addr.Partition, Service: addr.Service}) {
+		a.log.Info("channel open denied by policy", "from", p.name, "uid", proc.uid, "to", addr.String())
+		return fail(wire.CodeDenied, a.cfg.Node, "policy of %s does not allow %s/%s (uid %d) to reach %s",
+			a.cfg.Node, a.cfg.Node, p.name, proc.uid, addr)
+	}
+	if err := proc.take(); err != nil {
+		return fail(wire.CodeLimit, a.cfg.Node, "%v", err)
+	}
+	ch := a.newChannel(kind, p.name, proc, car)
+	ch.sock, ch.rd = sock, rd
+	ch.opened = make(chan *local.Error, 1)
+	ch.state = chanState{peer: addr.Node, remotePart: addr.Partition, status: "opening"}
+	recvKey := newKey()
+	ch.keys.recvKey = recvKey
+	ch.keys.recv = newGCM(&recvKey)
+	ch.granted = uint64(ch.window)
+	ch.conn = local.Conn{Partition: p.name, Process: proc.wire(), RemoteNode: addr.Node,
+		RemotePartition: addr.Partition, RemoteService: addr.Service, Kind: kind.String(), Dialed: true, Created: time.Now()}
+	if err := a.tables.add(ch); err != nil {
+		proc.release()
+		return fail(wire.CodeLimit, a.cfg.Node, "%s has %d channels open, its limit", a.cfg.Node, a.cfg.Limits.Channels)
+	}
+	m := &wire.Open{Kind: kind, Index: ch.state.index, Conn: ch.id, Window: ch.window, Key: recvKey,
+		SrcNode: a.cfg.Node, SrcPart: p.name, SrcProc: proc.wireID(),
+		DstNode: addr.Node, DstPart: addr.Partition, DstSvc: addr.Service}
+	clear(recvKey[:])
+	msg := m.Marshal()
+	clear(m.Key[:])
+	err = car.sendControl(msg)
+	clear(msg)
+	if err != nil {
+		ch.end(nil, false)
+		return fail(wire.CodeUnreachable, a.cfg.Node, "node %q: %v", addr.Node, err)
+	}
+	timer := time.NewTimer(time.Until(deadline))
+	defer timer.Stop()
+	select {
+	case le := <-ch.opened:
+		if le != nil {
+			ch.end(nil, false)
+			return nil, le
+		}
+		return ch, nil
+	case <-timer.C:
+		ch.end(&local.Error{Code: wire.CodeTimeout.String()}, true)
+		return fail(wire.CodeTimeout, "", "%s did not answer within %s", addr.Node, a.cfg.Timers.Open)
+	}
+}
+
+// waitLink waits until pr has a link up, or deadline.
+func (a *Agent) waitLink(pr *peer, deadline time.Time) error {
+	for {
+		a.mu.Lock()
+		up, changed, last := pr.link != nil, pr.changed, pr.lastErr
+		a.mu.Unlock()
+		if up {
+			return nil
+		}
+		wait := time.Until(deadline)
+		if wait <= 0 {
+			if last == "" {
+				last = "no link"
+			}
+			return fmt.Errorf("no link (last error: %s)", last)
+		}
+		select {
+		case <-changed:
+		case <-time.After(wait):
+		}
+	}
+}
+
+// handleAccept completes a channel this agent dialed.
+func (a *Agent) handleAccept(car carrier, m *wire.Accept) {
+	defer clear(m.Key[:])
+	ch := a.tables.lookupIndex(m.InitIndex)
+	if ch == nil || ch.id != m.InitConn {
+		// The open timed out here meanwhile: tell the acceptor to drop it.
+		c := &wire.Close{Index: m.Index, DstConn: m.Conn, SrcConn: m.InitConn, Code: wire.CodeTimeout, Reason: "the dialing side gave up"}
+		car.sendControl(c.Marshal())
+		return
+	}
+	ch.mu.Lock()
+	if ch.state.peer != car.name() || ch.state.status != "opening" {
+		ch.mu.Unlock()
+		a.counters.wrongIDs.Add(1)
+		a.log.Warn("channel accept that does not match an open", "peer", car.name(), "index", m.InitIndex)
+		return
+	}
+	ch.state.remoteIndex, ch.state.remoteConn, ch.state.status = m.Index, m.Conn, "open"
+	ch.conn.RemoteProcess = local.Proc{PID: m.DstProc.PID, UID: m.DstProc.UID, GID: m.DstProc.GID}
+	ch.mu.Unlock()
+	ch.keys.mu.Lock()
+	ch.keys.sendKey = m.Key
+	ch.keys.send = newGCM(&m.Key)
+	ch.keys.mu.Unlock()
+	ch.credit.Store(int64(m.Window))
+	if !a.tables.setRemote(ch) {
+		ch.opened <- &local.Error{Code: wire.CodeExists.String(), Message: "duplicate channel ids from " + car.name()}
+		return
+	}
+	ch.opened <- nil
+}
+
+// handleRefuse fails a channel this agent dialed.
+func (a *Agent) handleRefuse(car carrier, m *wire.Refuse) {
+	ch := a.tables.lookupIndex(m.InitIndex)
+	if ch == nil || ch.id != m.InitConn {
+		return
+	}
+	ch.mu.Lock()
+	ok := ch.state.peer == car.name() && ch.state.status == "opening"
+	ch.mu.Unlock()
+	if !ok {
+		a.counters.wrongIDs.Add(1)
+		return
+	}
+	by := m.By
+	if by != car.name() { // an agent speaks only for itself
+		by = car.name()
+	}
+	ch.opened <- &local.Error{Code: m.Code.String(), Message: m.Reason, By: by}
+}
+
+// handleOpen checks a peer's request to open a channel to a local service
+// and, if every check passes, accepts it.
+func (a *Agent) handleOpen(car carrier, m *wire.Open) {
+	defer clear(m.Key[:])
+	refuse := func(code wire.Code, format string, args ...any) {
+		a.counters.opensRefused.Add(1)
+		r := &wire.Refuse{InitIndex: m.Index, InitConn: m.Conn, Code: code, By: a.cfg.Node, Reason: fmt.Sprintf(format, args...)}
+		a.log.Info("channel open refused", "peer", car.name(), "from", m.SrcNode+"/"+m.SrcPart,
+			"to", m.DstNode+"/"+m.DstPart+"/"+m.DstSvc, "code", code, "reason", r.Reason)
+		car.sendControl(r.Marshal())
+	}
+	if m.SrcNode != car.name() {
+		a.log.Warn("peer opened a channel in another node's name", "peer", car.name(), "claimed", m.SrcNode)
+		refuse(wire.CodeDenied, "source node %q is not the link's node %q", m.SrcNode, car.name())
+		return
+	}
+	if !a.nodeHasPartition(car, m.SrcPart) {
+		a.log.Warn("peer opened a channel for a partition its certificate does not list", "peer", car.name(), "partition", m.SrcPart)
+		refuse(wire.CodeDenied, "partition %q is not in the certificate of %s", m.SrcPart, car.name())
+		return
+	}
+	if m.DstNode != a.cfg.Node {
+		refuse(wire.CodeNoSuchNode, "this is %s, not %s", a.cfg.Node, m.DstNode)
+		return
+	}
+	p := a.partitions[m.DstPart]
+	if p == nil {
+		refuse(wire.CodeNoSuchPart, "%s has no partition %q", a.cfg.Node, m.DstPart)
+		return
+	}
+	src := policy.Source{Node: m.SrcNode, Partition: m.SrcPart, UID: m.SrcProc.UID}
+	if !a.policy.Load().Allows(src, policy.Dest{Node: a.cfg.Node, Partition: m.DstPart, Service: m.DstSvc}) {
+		refuse(wire.CodeDenied, "policy of %s does not allow %s/%s (uid %d) to reach %s/%s/%s",
+			a.cfg.Node, m.SrcNode, m.SrcPart, m.SrcProc.UID, a.cfg.Node, m.DstPart, m.DstSvc)
+		return
+	}
+	l := p.listener(m.DstSvc)
+	if l == nil {
+		refuse(wire.CodeNoSuchService, "no process listens on %s/%s/%s", a.cfg.Node, m.DstPart, m.DstSvc)
+		return
+	}
+	if a.tables.lookupRemote(car.name(), m.Conn) != nil {
+		refuse(wire.CodeExists, "channel %d of %s is already open", m.Conn, car.name())
+		return
+	}
+	select {
+	case a.accepting <- struct{}{}:
+	default:
+		refuse(wire.CodeBusy, "%s has too many channel opens in progress", a.cfg.Node)
+		return
+	}
+	key := m.Key
+	mm := *m
+	a.goRun(func() {
+		defer func() { <-a.accepting }()
+		mm.Key = key
+		defer clear(key[:])
+		defer clear(mm.Key[:])
+		if code, reason := a.accept(car, &mm, p, l); code != wire.CodeOK {
+			refuse(code, "%s", reason)
+		}
+	})
+}
+
+// accept makes the channel for an Open that passed every check and hands
+// its socket to the listener. It runs off the link's reading goroutine.
+func (a *Agent) accept(car carrier, m *wire.Open, p *partition, l *listener) (wire.Code, string) {
+	if err := l.proc.take(); err != nil {
+		return wire.CodeLimit, err.Error()
+	}
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		l.proc.release()
+		return wire.CodeInternal, "socketpair: " + err.Error()
+	}
+	f := os.NewFile(uintptr(fds[0]), "channel")
+	c, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		unix.Close(fds[1])
+		l.proc.release()
+		return wire.CodeInternal, "socket: " + err.Error()
+	}
+	ch := a.newChannel(m.Kind, p.name, l.proc, car)
+	ch.sock = c.(*net.UnixConn)
+	ch.rd = ch.sock
+	ch.state = chanState{peer: car.name(), remotePart: m.SrcPart, remoteIndex: m.Index, remoteConn: m.Conn, status: "open"}
+	recvKey := newKey()
+	ch.keys.recvKey, ch.keys.recv = recvKey, newGCM(&recvKey)
+	ch.keys.sendKey, ch.keys.send = m.Key, newGCM(&m.Key)
+	ch.credit.Store(int64(m.Window))
+	ch.granted = uint64(ch.window)
+	ch.conn = local.Conn{Partition: p.name, Process: l.proc.wire(), Service: l.service, RemoteNode: m.SrcNode,
+		RemotePartition: m.SrcPart, RemoteProcess: local.Proc{PID: m.SrcProc.PID, UID: m.SrcProc.UID, GID: m.SrcProc.GID},
+		Kind: m.Kind.String(), Created: time.Now()}
+	if err := a.tables.add(ch); err != nil {
+		unix.Close(fds[1])
+		ch.end(nil, false)
+		ch.sock.Close()
+		if errors.Is(err, errDuplicate) {
+			return wire.CodeExists, fmt.Sprintf("channel %d of %s is already open", m.Conn, car.name())
+		}
+		return wire.CodeLimit, fmt.Sprintf("%s has %d channels open, its limit", a.cfg.Node, a.cfg.Limits.Channels)
+	}
+	row := ch.row()
+	err = l.notify(&row, fds[1])
+	unix.Close(fds[1])
+	if err != nil {
+		ch.end(nil, false)
+		ch.sock.Close()
+		return wire.CodeBusy, fmt.Sprintf("the listener of %s/%s/%s is not accepting: %v", a.cfg.Node, p.name, l.service, err)
+	}
+	acc := &wire.Accept{InitIndex: m.Index, InitConn: m.Conn, Index: ch.state.index, Conn: ch.id,
+		Window: ch.window, Key: recvKey, DstProc: l.proc.wireID()}
+	clear(recvKey[:])
+	msg := acc.Marshal()
+	clear(acc.Key[:])
+	err = car.sendControl(msg)
+	clear(msg)
+	if err != nil {
+		ch.abort(wire.CodeUnreachable, "the link to "+car.name()+" failed: "+err.Error(), false)
+	}
+	a.counters.opensOK.Add(1)
+	ch.start()
+	return wire.CodeOK, ""
+}
+
+// nodeHasPartition reports whether the certificate of the node behind car
+// lists partition.
+func (a *Agent) nodeHasPartition(car carrier, partition string) bool {
+	if car == a.self {
+		return a.cert.HasPartition(partition)
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	pr := a.peers[car.name()]
+	if pr == nil || pr.link == nil {
+		return false
+	}
+	return pr.link.Peer().HasPartition(partition)
+}
+
+// HandleControl receives the channel control messages of a link.
+func (a *Agent) HandleControl(l *link.Link, msg []byte) {
+	if err := a.handleControl(a.carrierOf(l), msg); err != nil {
+		a.counters.malformed.Add(1)
+		a.log.Warn("peer sent a bad control message; closing link", "peer", l.Peer().Name, "err", err)
+		l.Close(fmt.Errorf("bad control message: %w", err))
+	}
+}
+
+func (a *Agent) handleControl(car carrier, msg []byte) error {
+	switch msg[0] {
+	case wire.OpOpen:
+		m, err := wire.ParseOpen(msg)
+		if err != nil {
+			return err
+		}
+		a.handleOpen(car, m)
+	case wire.OpAccept:
+		m, err := wire.ParseAccept(msg)
+		if err != nil {
+			return err
+		}
+		a.handleAccept(car, m)
+	case wire.OpRefuse:
+		m, err := wire.ParseRefuse(msg)
+		if err != nil {
+			return err
+		}
+		a.handleRefuse(car, m)
+	case wire.OpClose:
+		m, err := wire.ParseClose(msg)
+		if err != nil {
+			return err
+		}
+		a.handleClose(car, m)
+	case wire.OpCredit:
+		m, err := wire.ParseCredit(msg)
+		if err != nil {
+			return err
+		}
+		a.handleCredit(car, m)
+	default:
+		return fmt.Errorf("unknown control op %d", msg[0])
+	}
+	return nil
+}

@@ -1,0 +1,230 @@
+package agent
+
+import (
+	"crypto/aes"
+	"crypto/cipher"
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"sync"
+	"sync/atomic"
+
+	"sinc.dev/sinc/internal/local"
+	"sinc.dev/sinc/internal/replay"
+	"sinc.dev/sinc/internal/wire"
+)
+
+// The agent's three tables (DESIGN.md §6). One id, the connection id, names
+// a channel in all three:
+//
+//   - the connection table (connRow): who talks to whom, readable by the
+//     processes of the partition (their rows) and by the admin CLI;
+//   - the key table (keyEntry): the channel's keys, one per direction,
+//     readable by the agent alone: no method of any socket returns it;
+//   - the channel state table (chanState), indexed by the receiving index
+//     that data frames carry: which peer, partition and connection a frame
+//     for that index must come from, readable by the agent alone.
+//
+// A channel struct holds its row of each; the tables map ids and indexes to
+// channels. Tables.mu guards the maps; each channel guards its own rows.
+type tables struct {
+	mu       sync.RWMutex
+	byID     map[uint64]*channel    // connection table and key table, by connection id
+	byIndex  map[uint32]*channel    // channel state table, by receiving index
+	byRemote map[remoteKey]*channel // the same, by the peer's connection id
+	nextID   uint64
+	max      int
+}
+
+type remoteKey struct {
+	peer string
+	conn uint64
+}
+
+func newTables(max int) *tables {
+	return &tables{byID: map[uint64]*channel{}, byIndex: map[uint32]*channel{},
+		byRemote: map[remoteKey]*channel{}, nextID: 1, max: max}
+}
+
+var (
+	errTableFull = errors.New("channel table full")
+	errDuplicate = errors.New("channel already open")
+)
+
+// add gives ch a connection id and a fresh receiving index and enters it in
+// the tables; a channel whose peer connection is known is refused if that
+// connection already has a channel.
+func (t *tables) add(ch *channel) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if len(t.byID) >= t.max {
+		return errTableFull
+	}
+	rk := remoteKey{ch.state.peer, ch.state.remoteConn}
+	if rk.conn != 0 {
+		if t.byRemote[rk] != nil {
+			return errDuplicate
+		}
+		t.byRemote[rk] = ch
+	}
+	for {
+		var b [4]byte
+		rand.Read(b[:])
+		idx := binary.BigEndian.Uint32(b[:])
+		if idx == 0 || t.byIndex[idx] != nil {
+			continue
+		}
+		ch.state.index = idx
+		break
+	}
+	ch.id = t.nextID
+	t.nextID++
+	t.byID[ch.id] = ch
+	t.byIndex[ch.state.index] = ch
+	return nil
+}
+
+// setRemote enters a dialed channel under its peer's connection id, once the
+// peer accepted it.
+func (t *tables) setRemote(ch *channel) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	rk := remoteKey{ch.state.peer, ch.state.remoteConn}
+	if t.byRemote[rk] != nil {
+		return false
+	}
+	t.byRemote[rk] = ch
+	return true
+}
+
+func (t *tables) lookupRemote(peer string, conn uint64) *channel {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return t.byRemote[remoteKey{peer, conn}]
+}
+
+// remove takes ch out of the tables; st is its state as last seen.
+func (t *tables) remove(ch *channel, st chanState) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if rk := (remoteKey{st.peer, st.remoteConn}); t.byRemote[rk] == ch {
+		delete(t.byRemote, rk)
+	}
+	if t.byID[ch.id] == ch {
+		delete(t.byID, ch.id)
+	}
+	if t.byIndex[st.index] == ch {
+		delete(t.byIndex, st.index)
+	}
+}
+
+func (t *tables) lookupIndex(idx uint32) *channel {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return t.byIndex[idx]
+}
+
+func (t *tables) all() []*channel {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	out := make([]*channel, 0, len(t.byID))
+	for _, ch := range t.byID {
+		out = append(out, ch)
+	}
+	return out
+}
+
+func (t *tables) len() int {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return len(t.byID)
+}
+
+// chanState is a channel's row in the channel state table.
+type chanState struct {
+	index        uint32 // ours: data frames to us carry it
+	peer         string // the node frames must come from (the link's authenticated peer)
+	peerInstance [16]byte
+	remotePart   string
+	remoteIndex  uint32 // theirs: data frames we send carry it
+	remoteConn   uint64
+	status       string // opening, open, closing
+}
+
+// keyEntry is a channel's row in the key table. send seals frames to the
+// peer with the key the peer chose; recv opens frames to us with the key we
+// chose. The raw keys are kept only to be zeroed.
+type keyEntry struct {
+	mu       sync.Mutex // guards send and sendCtr (the sending pump and close)
+	epoch    uint16
+	send     cipher.AEAD
+	sendCtr  uint64
+	sendKey  [wire.KeyLen]byte
+	recv     cipher.AEAD
+	recvKey  [wire.KeyLen]byte
+	window   replay.Window // guarded by channel.rmu
+	zeroized bool
+}
+
+// newKey returns a fresh random channel key.
+func newKey() (k [wire.KeyLen]byte) {
+	rand.Read(k[:])
+	return k
+}
+
+func newGCM(k *[wire.KeyLen]byte) cipher.AEAD {
+	b, err := aes.NewCipher(k[:])
+	if err != nil {
+		panic(err) // cannot happen: the key is 32 bytes
+	}
+	g, err := cipher.NewGCM(b)
+	if err != nil {
+		panic(err)
+	}
+	return g
+}
+
+// zero drops the keys. Frames can no longer be sealed or opened.
+func (k *keyEntry) zero() {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	clear(k.sendKey[:])
+	clear(k.recvKey[:])
+	k.send, k.recv = nil, nil
+	k.zeroized = true
+}
+
+// counters counts what the data path rejected, by reason, and what it
+// passed. Fields are updated atomically.
+type counters struct {
+	unknownIndex, wrongIDs, badEpoch, auth, replay, credit, malformed atomic.Uint64
+	framesIn, framesOut, opensOK, opensRefused                        atomic.Uint64
+}
+
+func (c *counters) snapshot() map[string]uint64 {
+	return map[string]uint64{
+		"rejected_unknown_index": c.unknownIndex.Load(),
+		"rejected_wrong_ids":     c.wrongIDs.Load(),
+		"rejected_bad_epoch":     c.badEpoch.Load(),
+		"rejected_auth":          c.auth.Load(),
+		"rejected_replay":        c.replay.Load(),
+		"rejected_credit":        c.credit.Load(),
+		"rejected_malformed":     c.malformed.Load(),
+		"data_frames_in":         c.framesIn.Load(),
+		"data_frames_out":        c.framesOut.Load(),
+		"opens_accepted":         c.opensOK.Load(),
+		"opens_refused":          c.opensRefused.Load(),
+	}
+}
+
+// row returns the channel's connection table row.
+func (ch *channel) row() local.Conn {
+	ch.mu.Lock()
+	defer ch.mu.Unlock()
+	r := ch.conn
+	r.ID = ch.id
+	r.State = ch.state.status
+	r.BytesIn, r.BytesOut = ch.bytesIn.Load(), ch.bytesOut.Load()
+	r.RecordsIn, r.RecordsOut = ch.recsIn.Load(), ch.recsOut.Load()
+	return r
+}

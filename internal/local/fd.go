@@ -1,0 +1,102 @@
+package local
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+
+	"golang.org/x/sys/unix"
+)
+
+// SendWithFD writes b on c with fd attached (SCM_RIGHTS) to its first byte.
+func SendWithFD(c *net.UnixConn, b []byte, fd int) error {
+	n, _, err := c.WriteMsgUnix(b, unix.UnixRights(fd), nil)
+	if err != nil {
+		return err
+	}
+	if n < len(b) {
+		_, err = c.Write(b[n:])
+	}
+	return err
+}
+
+// NoticeReader reads a listener's notices and the sockets that ride with
+// them. Each notice line is paired with the next received descriptor, in
+// order: a descriptor arrives with the first byte of its line.
+type NoticeReader struct {
+	c     *net.UnixConn
+	buf   []byte // received, not yet consumed
+	fds   []int  // received, not yet paired
+	chunk []byte
+	oob   []byte
+}
+
+// NewNoticeReader reads notices from c.
+func NewNoticeReader(c *net.UnixConn) *NoticeReader {
+	return &NoticeReader{c: c, chunk: make([]byte, 4096), oob: make([]byte, unix.CmsgSpace(4*16))}
+}
+
+// Next returns the next notice and its socket as a file.
+func (r *NoticeReader) Next() (*Notice, *os.File, error) {
+	for {
+		if i := bytes.IndexByte(r.buf, '\n'); i >= 0 {
+			line := r.buf[:i]
+			r.buf = r.buf[i+1:]
+			var n Notice
+			if err := json.Unmarshal(line, &n); err != nil {
+				return nil, nil, fmt.Errorf("bad notice from agent: %w", err)
+			}
+			if len(r.fds) == 0 {
+				return nil, nil, errors.New("notice from agent without its socket")
+			}
+			fd := r.fds[0]
+			r.fds = r.fds[1:]
+			return &n, os.NewFile(uintptr(fd), "sinc-channel"), nil
+		}
+		if len(r.buf) > MaxNotice {
+			return nil, nil, errors.New("notice from agent too long")
+		}
+		n, oobn, _, _, err := r.c.ReadMsgUnix(r.chunk, r.oob)
+		if oobn > 0 {
+			fds, perr := parseRights(r.oob[:oobn])
+			r.fds = append(r.fds, fds...)
+			if perr != nil && err == nil {
+				err = perr
+			}
+		}
+		r.buf = append(r.buf, r.chunk[:n]...)
+		if err != nil {
+			return nil, nil, err
+		}
+		if n == 0 {
+			return nil, nil, errors.New("agent closed the listener")
+		}
+	}
+}
+
+// Close closes descriptors received but not handed out.
+func (r *NoticeReader) Close() {
+	for _, fd := range r.fds {
+		unix.Close(fd)
+	}
+	r.fds = nil
+}
+
+func parseRights(oob []byte) ([]int, error) {
+	msgs, err := unix.ParseSocketControlMessage(oob)
+	if err != nil {
+		return nil, err
+	}
+	var fds []int
+	for _, m := range msgs {
+		fs, err := unix.ParseUnixRights(&m)
+		if err != nil {
+			continue
+		}
+		fds = append(fds, fs...)
+	}
+	return fds, nil
+}
