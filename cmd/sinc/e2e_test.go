@@ -286,7 +286,7 @@ func TestDemo(t *testing.T) {
 		"echo: hello from node-a/web to node-b/db",    // across nodes
 		"echo: hello from node-a/web to node-a/batch", // across partitions of one node
 		"connections of node-a:", "connections of node-b:",
-		"node-b/db/echo", // node-a's row names the remote service
+		"node-b/db/echo",                           // node-a's row names the remote service
 		"denied (by node-b)", "denied (by node-a)", // each agent's policy, named
 		"demo done",
 	} {
