@@ -17,15 +17,30 @@
 //	dead_after = "15s"
 //	dial_min = "200ms"
 //	dial_max = "30s"
+//	open = "5s"                      # a channel open not answered by then fails
 //
 //	[limits]
 //	pending_handshakes = 256
+//	channels = 16384                 # per agent
+//	channels_per_partition = 8192
+//	channels_per_process = 1024
+//	listeners_per_partition = 256
+//	pending_requests = 64            # per partition socket
+//	window = 262144                  # bytes in flight per channel direction
 //
 //	[partitions.web]
 //	socket = "/run/sinc/node-a/web.sock"
+//	mode = "0660"                    # default "0600"
+//	owner = "web"                    # user name or uid; default: the agent's
+//	group = "web"                    # group name or gid; default: the agent's
 //
 //	[peers.node-b]
 //	address = "127.0.0.1:7702"
+//
+//	[[allow]]                        # policy: see package policy
+//	from = "node-a/web"
+//	to = "node-b/db/pg"
+//	uids = [1000]
 package config
 
 import (
@@ -34,7 +49,9 @@ import (
 	"io"
 	"net"
 	"os"
+	"os/user"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -43,6 +60,7 @@ import (
 	"github.com/BurntSushi/toml"
 
 	"sinc.dev/sinc/internal/cert"
+	"sinc.dev/sinc/internal/policy"
 )
 
 // MaxFileSize bounds a config file.
@@ -64,6 +82,7 @@ type Config struct {
 
 	Partitions map[string]Partition
 	Peers      map[string]Peer
+	Policy     *policy.Policy
 }
 
 // Timers are the agent's timeouts and intervals.
@@ -73,17 +92,27 @@ type Timers struct {
 	DeadAfter time.Duration
 	DialMin   time.Duration
 	DialMax   time.Duration
+	Open      time.Duration
 }
 
 // Limits bound the agent's tables and queues.
 type Limits struct {
-	PendingHandshakes int
+	PendingHandshakes     int
+	Channels              int
+	ChannelsPerPartition  int
+	ChannelsPerProcess    int
+	ListenersPerPartition int
+	PendingRequests       int
+	Window                int
 }
 
 // Partition is one partition this node hosts.
 type Partition struct {
 	Name   string
 	Socket string
+	Mode   os.FileMode
+	UID    int // -1: the agent's
+	GID    int // -1: the agent's
 }
 
 // Peer is another node's agent.
@@ -100,8 +129,17 @@ var (
 		DeadAfter: 15 * time.Second,
 		DialMin:   200 * time.Millisecond,
 		DialMax:   30 * time.Second,
+		Open:      5 * time.Second,
 	}
-	DefaultLimits = Limits{PendingHandshakes: 256}
+	DefaultLimits = Limits{
+		PendingHandshakes:     256,
+		Channels:              16384,
+		ChannelsPerPartition:  8192,
+		ChannelsPerProcess:    1024,
+		ListenersPerPartition: 256,
+		PendingRequests:       64,
+		Window:                256 << 10,
+	}
 )
 
 // file mirrors the TOML layout.
@@ -118,17 +156,38 @@ type file struct {
 		DeadAfter string `toml:"dead_after"`
 		DialMin   string `toml:"dial_min"`
 		DialMax   string `toml:"dial_max"`
+		Open      string `toml:"open"`
 	} `toml:"timers"`
 	Limits struct {
-		PendingHandshakes *int `toml:"pending_handshakes"`
+		PendingHandshakes     *int `toml:"pending_handshakes"`
+		Channels              *int `toml:"channels"`
+		ChannelsPerPartition  *int `toml:"channels_per_partition"`
+		ChannelsPerProcess    *int `toml:"channels_per_process"`
+		ListenersPerPartition *int `toml:"listeners_per_partition"`
+		PendingRequests       *int `toml:"pending_requests"`
+		Window                *int `toml:"window"`
 	} `toml:"limits"`
 	Partitions map[string]struct {
 		Socket string `toml:"socket"`
+		Mode   string `toml:"mode"`
+		Owner  string `toml:"owner"`
+		Group  string `toml:"group"`
 	} `toml:"partitions"`
+	// Each rule is decoded on its own, to name it by its index in errors.
+	Allow []toml.Primitive `toml:"allow"`
 	Peers map[string]struct {
 		Address string `toml:"address"`
 	} `toml:"peers"`
 }
+
+// allowRule mirrors one [[allow]] table.
+type allowRule struct {
+	From string   `toml:"from"`
+	To   string   `toml:"to"`
+	UIDs []uint32 `toml:"uids"`
+}
+
+var allowFields = map[string]bool{"from": true, "to": true, "uids": true}
 
 // Error is a problem with one field of a config file.
 type Error struct {
@@ -180,14 +239,41 @@ func Parse(path string, data []byte) (*Config, error) {
 	if len(data) > MaxFileSize {
 		return nil, &Error{File: path, Err: fmt.Errorf("file is %d bytes, more than %d", len(data), MaxFileSize)}
 	}
-	var f file
-	md, err := toml.Decode(string(data), &f)
+	// Parse first, then decode: a syntax error is the file's (the parser's
+	// last key may be a table or a key before the error), a value that does
+	// not fit its Go field is that field's.
+	var top toml.Primitive
+	md, err := toml.Decode(string(data), &top)
 	if err != nil {
 		var pe toml.ParseError
 		if errors.As(err, &pe) {
 			return nil, &Error{File: path, Err: fmt.Errorf("line %d: %s", pe.Position.Line, pe.Message)}
 		}
 		return nil, &Error{File: path, Err: err}
+	}
+	var f file
+	if err := md.PrimitiveDecode(top, &f); err != nil {
+		return nil, decodeError(path, err, nil)
+	}
+	allow := make([]allowRule, len(f.Allow))
+	for i, p := range f.Allow {
+		field := fmt.Sprintf("allow[%d]", i)
+		// The library keeps one position per key path, that of the last
+		// [[allow]] to have the key: a line number would point at the
+		// wrong rule, so the index alone names it.
+		rename := func(key string) string { return field + strings.TrimPrefix(key, "allow") }
+		if err := md.PrimitiveDecode(p, &allow[i]); err != nil {
+			return nil, decodeError(path, err, rename)
+		}
+		var keys map[string]any
+		if err := md.PrimitiveDecode(p, &keys); err != nil {
+			return nil, decodeError(path, err, rename)
+		}
+		for _, k := range sortedKeys(keys) {
+			if !allowFields[k] {
+				return nil, &Error{File: path, Field: field + "." + toml.Key{k}.String(), Err: errors.New("unknown field")}
+			}
+		}
 	}
 	// The TOML decoder leaves a map empty, without an error, when the file
 	// gives it a value that is not a table ("peers = 3"): refuse that here.
@@ -242,6 +328,7 @@ func Parse(path string, data []byte) (*Config, error) {
 		{"timers.dead_after", f.Timers.DeadAfter, &c.Timers.DeadAfter},
 		{"timers.dial_min", f.Timers.DialMin, &c.Timers.DialMin},
 		{"timers.dial_max", f.Timers.DialMax, &c.Timers.DialMax},
+		{"timers.open", f.Timers.Open, &c.Timers.Open},
 	} {
 		if d.val == "" {
 			continue
@@ -261,11 +348,27 @@ func Parse(path string, data []byte) (*Config, error) {
 	if c.Timers.DialMax < c.Timers.DialMin {
 		return nil, fail("timers.dial_max", fmt.Errorf("%s is less than timers.dial_min (%s)", c.Timers.DialMax, c.Timers.DialMin))
 	}
-	if v := f.Limits.PendingHandshakes; v != nil {
-		if *v < 1 || *v > 65536 {
-			return nil, fail("limits.pending_handshakes", fmt.Errorf("%d is outside 1..65536", *v))
+	for _, l := range []struct {
+		field    string
+		val      *int
+		dst      *int
+		min, max int
+	}{
+		{"limits.pending_handshakes", f.Limits.PendingHandshakes, &c.Limits.PendingHandshakes, 1, 65536},
+		{"limits.channels", f.Limits.Channels, &c.Limits.Channels, 1, 1 << 20},
+		{"limits.channels_per_partition", f.Limits.ChannelsPerPartition, &c.Limits.ChannelsPerPartition, 1, 1 << 20},
+		{"limits.channels_per_process", f.Limits.ChannelsPerProcess, &c.Limits.ChannelsPerProcess, 1, 1 << 20},
+		{"limits.listeners_per_partition", f.Limits.ListenersPerPartition, &c.Limits.ListenersPerPartition, 1, 65536},
+		{"limits.pending_requests", f.Limits.PendingRequests, &c.Limits.PendingRequests, 1, 65536},
+		{"limits.window", f.Limits.Window, &c.Limits.Window, MinWindow, MaxWindow},
+	} {
+		if l.val == nil {
+			continue
 		}
-		c.Limits.PendingHandshakes = *v
+		if *l.val < l.min || *l.val > l.max {
+			return nil, fail(l.field, fmt.Errorf("%d is outside %d..%d", *l.val, l.min, l.max))
+		}
+		*l.dst = *l.val
 	}
 
 	if len(f.Partitions) == 0 {
@@ -286,7 +389,25 @@ func Parse(path string, data []byte) (*Config, error) {
 			return nil, fail(field+".socket", fmt.Errorf("%s is already the socket of %s", sock, other))
 		}
 		sockets[sock] = field
-		c.Partitions[name] = Partition{Name: name, Socket: sock}
+		part := Partition{Name: name, Socket: sock, Mode: 0o600, UID: -1, GID: -1}
+		if p.Mode != "" {
+			m, err := strconv.ParseUint(p.Mode, 8, 32)
+			if err != nil || m > 0o777 {
+				return nil, fail(field+".mode", fmt.Errorf("%q is not an octal file mode like \"0660\"", p.Mode))
+			}
+			part.Mode = os.FileMode(m)
+		}
+		if p.Owner != "" {
+			if part.UID, err = lookupID(p.Owner, user.Lookup, func(u *user.User) string { return u.Uid }); err != nil {
+				return nil, fail(field+".owner", err)
+			}
+		}
+		if p.Group != "" {
+			if part.GID, err = lookupID(p.Group, user.LookupGroup, func(g *user.Group) string { return g.Gid }); err != nil {
+				return nil, fail(field+".group", err)
+			}
+		}
+		c.Partitions[name] = part
 	}
 	for _, name := range sortedKeys(f.Peers) {
 		field := "peers." + name
@@ -309,7 +430,81 @@ func Parse(path string, data []byte) (*Config, error) {
 		}
 		c.Peers[name] = Peer{Name: name, Address: p.Address}
 	}
+	var rules []policy.Rule
+	for i, a := range allow {
+		field := fmt.Sprintf("allow[%d]", i)
+		if a.From == "" || a.To == "" {
+			return nil, fail(field, errors.New("a rule needs from (node/partition) and to (node/partition/service)"))
+		}
+		r, err := policy.ParseRule(a.From, a.To, a.UIDs)
+		if err != nil {
+			return nil, fail(field, err)
+		}
+		rules = append(rules, r)
+	}
+	if c.Policy, err = policy.New(rules); err != nil {
+		return nil, fail("allow", err)
+	}
 	return c, nil
+}
+
+// Bounds of limits.window: a window holds at least one largest frame.
+const (
+	MinWindow = 64 << 10
+	MaxWindow = 64 << 20
+)
+
+// decodeMsg is the form of the TOML library's errors for a value of the
+// wrong type for its Go field: "toml: line 4 (last key "a.b"): incompatible
+// types: TOML value has type int64; destination has type string". Unlike its
+// errors for a value out of range, these are no ParseError.
+var (
+	decodeMsg   = regexp.MustCompile(`(?s)^toml: (?:line (\d+) )?\(last key ("(?:[^"\\]|\\.)*")\): (.*)$`)
+	mismatchMsg = regexp.MustCompile(`(?s)^type mismatch for .*: expected (\w+) but found (.*)$`)
+)
+
+// decodeError turns an error from decoding TOML values into Go fields into
+// an Error for the field of the value (its last key, renamed by rename
+// when given, which also drops the line number).
+func decodeError(path string, err error, rename func(string) string) error {
+	var key, line, msg string
+	var pe toml.ParseError
+	if errors.As(err, &pe) {
+		key, line, msg = pe.LastKey, strconv.Itoa(pe.Position.Line), pe.Message
+	} else if m := decodeMsg.FindStringSubmatch(err.Error()); m != nil {
+		k, uerr := strconv.Unquote(m[2])
+		if uerr != nil {
+			return &Error{File: path, Err: err}
+		}
+		key, line, msg = k, m[1], m[3]
+		if mm := mismatchMsg.FindStringSubmatch(msg); mm != nil { // names a Go type of this package
+			msg = fmt.Sprintf("incompatible types: TOML value has type %s; destination has type %s", mm[2], mm[1])
+		}
+	} else {
+		return &Error{File: path, Err: err}
+	}
+	if rename != nil {
+		key, line = rename(key), ""
+	}
+	if line != "" && line != "0" {
+		msg = "line " + line + ": " + msg
+	}
+	return &Error{File: path, Field: key, Err: errors.New(msg)}
+}
+
+// lookupID resolves a user or group given by name or number.
+func lookupID[T any](s string, lookup func(string) (T, error), id func(T) string) (int, error) {
+	if n, err := strconv.Atoi(s); err == nil || errors.Is(err, strconv.ErrRange) {
+		if err != nil || n < 0 || n > 1<<31-1 {
+			return 0, fmt.Errorf("id %s is out of range 0..%d", s, 1<<31-1)
+		}
+		return n, nil
+	}
+	v, err := lookup(s)
+	if err != nil {
+		return 0, fmt.Errorf("%q: %v", s, err)
+	}
+	return strconv.Atoi(id(v))
 }
 
 func absPath(base, p string) string {
