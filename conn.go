@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"syscall"
 	"time"
 
 	"sinc.dev/sinc/internal/local"
@@ -205,6 +206,10 @@ func (c *Conn) writeRecord(typ byte, p []byte) error {
 	n, err := bufs.WriteTo(c.c)
 	if err == nil && n != want {
 		err = io.ErrShortWrite
+	}
+	if errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET) {
+		// The agent ended the channel; Read returns its reason.
+		err = &Error{Code: ErrReset.Code, Message: "the channel was closed by the agent (read for the reason)"}
 	}
 	if err != nil {
 		return c.opErr("write", err)

@@ -122,8 +122,10 @@ func startAgent(t *testing.T, n *cluster.Node, edit func(*config.Config)) *testA
 	t.Cleanup(func() { ta.stop(t) })
 	// Wait for the admin socket: the agent is serving.
 	for i := 0; ; i++ {
-		if c, err := net.Dial("unix", n.Admin); err == nil {
-			c.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		_, err := admin.Query(ctx, n.Admin, admin.Request{Op: "peers"})
+		cancel()
+		if err == nil {
 			break
 		}
 		if i > 200 {

@@ -1,8 +1,6 @@
 package agent
 
 import (
-	"errors"
-
 	"sinc.dev/sinc/internal/link"
 	"sinc.dev/sinc/internal/wire"
 )
@@ -10,37 +8,18 @@ import (
 // codeLinkLost is what a process is told when its channel's link is gone.
 const codeLinkLost = wire.CodeReset
 
-// peerCarrier carries a channel's frames over the current link to a peer.
-type peerCarrier struct {
-	a *Agent
-	p *peer
+// A channel is bound to the carrier it opened on: one peer link, or this
+// agent itself. Frames of the channel are accepted only from that carrier,
+// and when the link ends its channels end with it, on both agents alike.
+
+// linkCarrier carries channels over one peer link.
+type linkCarrier struct {
+	l *link.Link
 }
 
-var errNoLink = errors.New("no link to the peer")
-
-func (c *peerCarrier) name() string { return c.p.name }
-
-func (c *peerCarrier) link() *link.Link {
-	c.a.mu.Lock()
-	defer c.a.mu.Unlock()
-	return c.p.link
-}
-
-func (c *peerCarrier) sendControl(msg []byte) error {
-	l := c.link()
-	if l == nil {
-		return errNoLink
-	}
-	return l.Send(msg)
-}
-
-func (c *peerCarrier) sendData(frame []byte) error {
-	l := c.link()
-	if l == nil {
-		return errNoLink
-	}
-	return l.SendData(frame)
-}
+func (c *linkCarrier) name() string                 { return c.l.Peer().Name }
+func (c *linkCarrier) sendControl(msg []byte) error { return c.l.Send(msg) }
+func (c *linkCarrier) sendData(frame []byte) error  { return c.l.SendData(frame) }
 
 // selfCarrier carries the frames of a channel between two partitions of
 // this agent: straight into its own receiving side, through the same
@@ -58,33 +37,33 @@ func (c *selfCarrier) sendData(frame []byte) error {
 	return nil
 }
 
-// carrierOf returns the carrier of the peer behind l.
+// carrierOf returns the carrier of link l, or nil once the link has ended.
 func (a *Agent) carrierOf(l *link.Link) carrier {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if p := a.peers[l.Peer().Name]; p != nil {
-		return p.carrier
+	if c := a.carriers[l]; c != nil {
+		return c
 	}
-	return deadCarrier(l.Peer().Name)
+	return nil
 }
 
-// deadCarrier answers for a node that is not a peer: nothing gets through.
-type deadCarrier string
-
-func (c deadCarrier) name() string               { return string(c) }
-func (c deadCarrier) sendControl(_ []byte) error { return errNoLink }
-func (c deadCarrier) sendData(_ []byte) error    { return errNoLink }
-
-// abortPeer ends every channel carried by car, for reason.
-func (a *Agent) abortPeer(car carrier, reason string) {
+// dropCarrier ends every channel carried by l, for reason.
+func (a *Agent) dropCarrier(l *link.Link, reason string) {
+	a.mu.Lock()
+	c := a.carriers[l]
+	delete(a.carriers, l)
+	a.mu.Unlock()
+	if c == nil {
+		return
+	}
 	n := 0
 	for _, ch := range a.tables.all() {
-		if ch.carrier == car {
+		if ch.carrier == carrier(c) {
 			ch.abort(codeLinkLost, reason, false)
 			n++
 		}
 	}
 	if n > 0 {
-		a.log.Info("channels ended", "peer", car.name(), "count", n, "reason", reason)
+		a.log.Info("channels ended with their link", "peer", c.name(), "count", n, "reason", reason)
 	}
 }

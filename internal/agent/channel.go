@@ -239,7 +239,7 @@ func (ch *channel) receive(car carrier, frame []byte) {
 	ch.mu.Lock()
 	st := ch.state
 	ch.mu.Unlock()
-	if st.status != "open" || car.name() != st.peer || h.SrcConn != st.remoteConn || h.DstConn != ch.id {
+	if st.status != "open" || car != ch.carrier || h.SrcConn != st.remoteConn || h.DstConn != ch.id {
 		c.wrongIDs.Add(1)
 		ch.a.log.Debug("data frame ids do not match the channel", "peer", car.name(), "index", h.Index,
 			"src", h.SrcConn, "dst", h.DstConn)
@@ -424,7 +424,7 @@ func (a *Agent) handleClose(car carrier, m *wire.Close) {
 	ch.mu.Lock()
 	st := ch.state
 	ch.mu.Unlock()
-	if st.peer != car.name() || st.remoteConn != m.SrcConn || ch.id != m.DstConn {
+	if car != ch.carrier || st.remoteConn != m.SrcConn || ch.id != m.DstConn {
 		a.counters.wrongIDs.Add(1)
 		a.log.Warn("channel close with ids that do not match", "peer", car.name(), "index", m.Index)
 		return
@@ -445,7 +445,7 @@ func (a *Agent) handleCredit(car carrier, m *wire.Credit) {
 	ch.mu.Lock()
 	st := ch.state
 	ch.mu.Unlock()
-	if st.peer != car.name() || st.remoteConn != m.SrcConn || ch.id != m.DstConn {
+	if car != ch.carrier || st.remoteConn != m.SrcConn || ch.id != m.DstConn {
 		a.counters.wrongIDs.Add(1)
 		return
 	}
@@ -455,7 +455,9 @@ func (a *Agent) handleCredit(car carrier, m *wire.Credit) {
 
 // HandleData receives a data frame from a peer link.
 func (a *Agent) HandleData(l *link.Link, frame []byte) {
-	a.handleData(a.carrierOf(l), frame)
+	if car := a.carrierOf(l); car != nil {
+		a.handleData(car, frame)
+	}
 }
 
 func (a *Agent) handleData(car carrier, frame []byte) {

@@ -59,10 +59,13 @@ func (a *Agent) dial(p *partition, proc *procRef, sock *net.UnixConn, rd io.Read
 		if pr == nil {
 			return fail(wire.CodeNoSuchNode, a.cfg.Node, "node %q is not a peer of %s", addr.Node, a.cfg.Node)
 		}
-		if err := a.waitLink(pr, deadline); err != nil {
+		l, err := a.waitLink(pr, deadline)
+		if err != nil {
 			return fail(wire.CodeUnreachable, a.cfg.Node, "node %q: %v", addr.Node, err)
 		}
-		car = pr.carrier
+		if car = a.carrierOf(l); car == nil {
+			return fail(wire.CodeUnreachable, a.cfg.Node, "node %q: the link just closed", addr.Node)
+		}
 	}
 	src := policy.Source{Node: a.cfg.Node, Partition: p.name, UID: proc.uid}
 	if !a.policy.Load().Allows(src, policy.Dest{Node: addr.Node, Partition: addr.Partition, Service: addr.Service}) {
@@ -115,20 +118,20 @@ func (a *Agent) dial(p *partition, proc *procRef, sock *net.UnixConn, rd io.Read
 }
 
 // waitLink waits until pr has a link up, or deadline.
-func (a *Agent) waitLink(pr *peer, deadline time.Time) error {
+func (a *Agent) waitLink(pr *peer, deadline time.Time) (*link.Link, error) {
 	for {
 		a.mu.Lock()
-		up, changed, last := pr.link != nil, pr.changed, pr.lastErr
+		l, changed, last := pr.link, pr.changed, pr.lastErr
 		a.mu.Unlock()
-		if up {
-			return nil
+		if l != nil {
+			return l, nil
 		}
 		wait := time.Until(deadline)
 		if wait <= 0 {
 			if last == "" {
 				last = "no link"
 			}
-			return fmt.Errorf("no link (last error: %s)", last)
+			return nil, fmt.Errorf("no link (last error: %s)", last)
 		}
 		select {
 		case <-changed:
@@ -144,11 +147,12 @@ func (a *Agent) handleAccept(car carrier, m *wire.Accept) {
 	if ch == nil || ch.id != m.InitConn {
 		// The open timed out here meanwhile: tell the acceptor to drop it.
 		c := &wire.Close{Index: m.Index, DstConn: m.Conn, SrcConn: m.InitConn, Code: wire.CodeTimeout, Reason: "the dialing side gave up"}
-		car.sendControl(c.Marshal())
+		msg := c.Marshal()
+		a.goRun(func() { car.sendControl(msg) })
 		return
 	}
 	ch.mu.Lock()
-	if ch.state.peer != car.name() || ch.state.status != "opening" {
+	if ch.carrier != car || ch.state.status != "opening" {
 		ch.mu.Unlock()
 		a.counters.wrongIDs.Add(1)
 		a.log.Warn("channel accept that does not match an open", "peer", car.name(), "index", m.InitIndex)
@@ -176,7 +180,7 @@ func (a *Agent) handleRefuse(car carrier, m *wire.Refuse) {
 		return
 	}
 	ch.mu.Lock()
-	ok := ch.state.peer == car.name() && ch.state.status == "opening"
+	ok := ch.carrier == car && ch.state.status == "opening"
 	ch.mu.Unlock()
 	if !ok {
 		a.counters.wrongIDs.Add(1)
@@ -198,7 +202,10 @@ func (a *Agent) handleOpen(car carrier, m *wire.Open) {
 		r := &wire.Refuse{InitIndex: m.Index, InitConn: m.Conn, Code: code, By: a.cfg.Node, Reason: fmt.Sprintf(format, args...)}
 		a.log.Info("channel open refused", "peer", car.name(), "from", m.SrcNode+"/"+m.SrcPart,
 			"to", m.DstNode+"/"+m.DstPart+"/"+m.DstSvc, "code", code, "reason", r.Reason)
-		car.sendControl(r.Marshal())
+		// Not on the link's reading goroutine: a write may wait for the
+		// peer to read, and the peer's reader may be writing to us.
+		msg := r.Marshal()
+		a.goRun(func() { car.sendControl(msg) })
 	}
 	if m.SrcNode != car.name() {
 		a.log.Warn("peer opened a channel in another node's name", "peer", car.name(), "claimed", m.SrcNode)
@@ -319,21 +326,22 @@ func (a *Agent) accept(car carrier, m *wire.Open, p *partition, l *listener) (wi
 // nodeHasPartition reports whether the certificate of the node behind car
 // lists partition.
 func (a *Agent) nodeHasPartition(car carrier, partition string) bool {
-	if car == a.self {
+	switch c := car.(type) {
+	case *selfCarrier:
 		return a.cert.HasPartition(partition)
+	case *linkCarrier:
+		return c.l.Peer().HasPartition(partition) // the certificate the link verified
 	}
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	pr := a.peers[car.name()]
-	if pr == nil || pr.link == nil {
-		return false
-	}
-	return pr.link.Peer().HasPartition(partition)
+	return false
 }
 
 // HandleControl receives the channel control messages of a link.
 func (a *Agent) HandleControl(l *link.Link, msg []byte) {
-	if err := a.handleControl(a.carrierOf(l), msg); err != nil {
+	car := a.carrierOf(l)
+	if car == nil {
+		return // the link is ending
+	}
+	if err := a.handleControl(car, msg); err != nil {
 		a.counters.malformed.Add(1)
 		a.log.Warn("peer sent a bad control message; closing link", "peer", l.Peer().Name, "err", err)
 		l.Close(fmt.Errorf("bad control message: %w", err))

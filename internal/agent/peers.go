@@ -21,7 +21,6 @@ type peer struct {
 	since      time.Time
 	lastErr    string
 	changed    chan struct{} // closed and replaced at every state change
-	carrier    *peerCarrier  // carries the channels to this peer
 
 	// traffic of links already closed
 	framesOut, bytesOut, framesIn, bytesIn uint64
@@ -75,14 +74,12 @@ func (a *Agent) register(l *link.Link) (reason string, ok bool) {
 			if ci != ni && ci < ni {
 				return "a link between these agents is already up (dialed by " + ci + ")", false
 			}
-		} else {
-			// The peer restarted: the channels it held are gone with it.
-			a.goRun(func() { a.abortPeer(p.carrier, "agent "+p.name+" restarted") })
 		}
 		a.retire(p, cur)
 		a.goRun(func() { cur.Shutdown("replaced by a newer link") }) // it writes: not under a.mu
 	}
 	p.link = l
+	a.carriers[l] = &linkCarrier{l: l}
 	p.setState(stateUp, "")
 	a.log.Info("peer link up", "peer", p.name, "remote", l.RemoteAddr().String(), "initiator", l.Initiator(),
 		"cert_expires", l.Peer().NotAfter)
@@ -104,7 +101,6 @@ func (a *Agent) unregister(l *link.Link) {
 		msg = err.Error()
 	}
 	p.setState(stateDown, msg)
-	a.goRun(func() { a.abortPeer(p.carrier, "the link to "+p.name+" was lost: "+msg) })
 }
 
 // retire adds a closing link's counters to its peer's totals.
@@ -131,10 +127,14 @@ func (a *Agent) closeLinks(reason string) {
 }
 
 // dialLoop keeps a link to p: while none is up it dials, with exponential
-// backoff and jitter between failures.
+// backoff and jitter between failures. Of two agents, the one with the
+// lesser name dials at once and the other gives it a moment first, so that
+// both seldom dial at the same time: a second link would replace the first
+// and end the channels on it.
 func (a *Agent) dialLoop(ctx context.Context, p *peer) {
 	t := a.cfg.Timers
 	backoff := t.DialMin
+	yield := a.cfg.Node > p.name
 	for {
 		a.mu.Lock()
 		up, changed := p.link != nil, p.changed
@@ -143,8 +143,18 @@ func (a *Agent) dialLoop(ctx context.Context, p *peer) {
 		}
 		a.mu.Unlock()
 		if up {
+			yield = a.cfg.Node > p.name
 			select {
 			case <-changed:
+				continue
+			case <-ctx.Done():
+				return
+			}
+		}
+		if yield {
+			yield = false
+			select {
+			case <-time.After(t.Handshake / 4):
 				continue
 			case <-ctx.Done():
 				return

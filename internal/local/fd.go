@@ -60,6 +60,7 @@ func (r *NoticeReader) Next() (*Notice, *os.File, error) {
 			return nil, nil, errors.New("notice from agent too long")
 		}
 		n, oobn, _, _, err := r.c.ReadMsgUnix(r.chunk, r.oob)
+		n, oobn = max(n, 0), max(oobn, 0)
 		if oobn > 0 {
 			fds, perr := parseRights(r.oob[:oobn])
 			r.fds = append(r.fds, fds...)
