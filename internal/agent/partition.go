@@ -212,8 +212,8 @@ func (a *Agent) serveLocal(p *partition, conn *net.UnixConn) {
 	proc := &procRef{a: a, part: p, pid: id.PID, uid: id.UID, gid: id.GID, key: id.Key()}
 	id.Close() // the numbers are what the tables need
 
-	conn.SetReadDeadline(accepted.Add(local.RequestTimeout))
-	req, rd, lerr := readRequest(conn)
+	conn.SetReadDeadline(accepted.Add(a.cfg.Timers.Request))
+	req, rd, lerr := readRequest(conn, a.cfg.Timers.Request)
 	<-p.pending
 	conn.SetReadDeadline(time.Time{})
 	if lerr != nil {
@@ -256,7 +256,7 @@ func (a *Agent) serveLocal(p *partition, conn *net.UnixConn) {
 
 // readRequest reads the request line. The error is nil on success; an error
 // with an empty code means the process left without a word.
-func readRequest(conn *net.UnixConn) (*local.Request, io.Reader, *local.Error) {
+func readRequest(conn *net.UnixConn, timeout time.Duration) (*local.Request, io.Reader, *local.Error) {
 	bad := func(code wire.Code, msg string) *local.Error { return &local.Error{Code: code.String(), Message: msg} }
 	br := bufio.NewReaderSize(conn, local.MaxRequest)
 	line, err := br.ReadSlice('\n')
@@ -266,7 +266,7 @@ func readRequest(conn *net.UnixConn) (*local.Request, io.Reader, *local.Error) {
 		case errors.Is(err, bufio.ErrBufferFull):
 			return nil, nil, bad(wire.CodeBadRequest, fmt.Sprintf("request longer than %d bytes", local.MaxRequest))
 		case errors.As(err, &ne) && ne.Timeout():
-			return nil, nil, bad(wire.CodeTimeout, fmt.Sprintf("request not received within %s", local.RequestTimeout))
+			return nil, nil, bad(wire.CodeTimeout, fmt.Sprintf("request not received within %s", timeout))
 		case len(line) == 0 && errors.Is(err, io.EOF):
 			return nil, nil, &local.Error{}
 		}

@@ -18,6 +18,7 @@
 //	dial_min = "200ms"
 //	dial_max = "30s"
 //	open = "5s"                      # a channel open not answered by then fails
+//	request = "5s"                   # a process must send its request within this
 //
 //	[limits]
 //	pending_handshakes = 256
@@ -93,6 +94,7 @@ type Timers struct {
 	DialMin   time.Duration
 	DialMax   time.Duration
 	Open      time.Duration
+	Request   time.Duration
 }
 
 // Limits bound the agent's tables and queues.
@@ -130,6 +132,7 @@ var (
 		DialMin:   200 * time.Millisecond,
 		DialMax:   30 * time.Second,
 		Open:      5 * time.Second,
+		Request:   5 * time.Second,
 	}
 	DefaultLimits = Limits{
 		PendingHandshakes:     256,
@@ -157,6 +160,7 @@ type file struct {
 		DialMin   string `toml:"dial_min"`
 		DialMax   string `toml:"dial_max"`
 		Open      string `toml:"open"`
+		Request   string `toml:"request"`
 	} `toml:"timers"`
 	Limits struct {
 		PendingHandshakes     *int `toml:"pending_handshakes"`
@@ -329,6 +333,7 @@ func Parse(path string, data []byte) (*Config, error) {
 		{"timers.dial_min", f.Timers.DialMin, &c.Timers.DialMin},
 		{"timers.dial_max", f.Timers.DialMax, &c.Timers.DialMax},
 		{"timers.open", f.Timers.Open, &c.Timers.Open},
+		{"timers.request", f.Timers.Request, &c.Timers.Request},
 	} {
 		if d.val == "" {
 			continue

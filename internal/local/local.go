@@ -19,8 +19,6 @@ const (
 
 	// MaxRequest bounds a request line, newline included.
 	MaxRequest = 4096
-	// RequestTimeout bounds the time a process has to send its request.
-	RequestTimeout = 5 * time.Second
 	// MaxRecord is the largest record payload; on a message channel it is
 	// the largest message.
 	MaxRecord = 64 << 10
