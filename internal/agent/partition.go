@@ -199,10 +199,9 @@ func (a *Agent) serveLocal(p *partition, conn *net.UnixConn) {
 		}
 		a.untrackLocal(conn)
 	}()
+	// The token taken in acceptLocal is held until the request is read.
 	accepted := time.Now()
 	id, err := ident.FromConn(conn, accepted)
-	<-p.pending // the identity read is bounded; what follows has its deadline
-	p.pending <- struct{}{}
 	if err != nil {
 		<-p.pending
 		a.log.Warn("cannot identify a connecting process", "partition", p.name, "err", err)
