@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -44,48 +45,11 @@ func runDial(args []string, stdout, stderr io.Writer) error {
 }
 
 // pipe copies in to the channel and the channel to out until the channel's
-// other side ends. At the end of in, the channel's write side is closed.
+// other side ends (netcat's way: the end of in closes only the write side).
 func pipe(c *sinc.Conn, in io.Reader, out io.Writer) error {
 	sent := make(chan error, 1)
-	go func() {
-		var err error
-		if c.Kind() == sinc.Message {
-			sc := bufio.NewScanner(in)
-			sc.Buffer(make([]byte, sinc.MaxMessage), sinc.MaxMessage)
-			for sc.Scan() && err == nil {
-				err = c.WriteMessage(sc.Bytes())
-			}
-			if err == nil {
-				err = sc.Err()
-			}
-		} else {
-			_, err = io.Copy(c, in)
-		}
-		if err == nil {
-			err = c.CloseWrite()
-		}
-		sent <- err
-	}()
-	var err error
-	if c.Kind() == sinc.Message {
-		for {
-			m, rerr := c.ReadMessage()
-			if rerr != nil {
-				err = rerr
-				break
-			}
-			if _, werr := fmt.Fprintf(out, "%s\n", m); werr != nil {
-				err = werr
-				break
-			}
-		}
-	} else {
-		_, err = io.Copy(out, c)
-	}
-	if errors.Is(err, io.EOF) {
-		err = nil
-	}
-	if err != nil {
+	go func() { sent <- send(c, in) }()
+	if err := receive(c, out); err != nil {
 		return err
 	}
 	select {
@@ -94,6 +58,52 @@ func pipe(c *sinc.Conn, in io.Reader, out io.Writer) error {
 	default:
 		return nil // the other side is done; input still open does not matter
 	}
+}
+
+// send copies r to the channel, a line a message on a message channel, and
+// then closes the channel's write side.
+func send(c *sinc.Conn, r io.Reader) error {
+	var err error
+	if c.Kind() == sinc.Message {
+		sc := bufio.NewScanner(r)
+		sc.Buffer(make([]byte, sinc.MaxMessage), sinc.MaxMessage)
+		for sc.Scan() && err == nil {
+			err = c.WriteMessage(sc.Bytes())
+		}
+		if err == nil {
+			err = sc.Err()
+		}
+	} else {
+		_, err = io.Copy(c, r)
+	}
+	if err != nil {
+		return err
+	}
+	return c.CloseWrite()
+}
+
+// receive copies the channel to w, a message a line on a message channel,
+// until the other side's end.
+func receive(c *sinc.Conn, w io.Writer) error {
+	var err error
+	if c.Kind() == sinc.Message {
+		for {
+			m, rerr := c.ReadMessage()
+			if rerr != nil {
+				err = rerr
+				break
+			}
+			if _, err = fmt.Fprintf(w, "%s\n", m); err != nil {
+				break
+			}
+		}
+	} else {
+		_, err = io.Copy(w, c)
+	}
+	if errors.Is(err, io.EOF) {
+		return nil
+	}
+	return err
 }
 
 func runListen(args []string, stdout, stderr io.Writer) error {
@@ -142,7 +152,9 @@ func runListen(args []string, stdout, stderr io.Writer) error {
 	}
 }
 
-// serveExec runs command with the channel as its stdin and stdout.
+// serveExec runs command with the channel as its stdin and stdout: what the
+// channel brings goes to its stdin (closed at the channel's end), and all it
+// writes goes back before the channel's write side closes.
 func serveExec(c *sinc.Conn, command string) error {
 	cmd := exec.Command("/bin/sh", "-c", command)
 	info := c.Info()
@@ -162,11 +174,20 @@ func serveExec(c *sinc.Conn, command string) error {
 	if err := cmd.Start(); err != nil {
 		return err
 	}
-	perr := pipe(c, out, in)
-	in.Close()
+	fed := make(chan error, 1)
+	go func() {
+		err := receive(c, in)
+		in.Close()
+		fed <- err
+	}()
+	serr := send(c, out) // to the command's end of output
 	werr := cmd.Wait()
-	if perr != nil {
-		return perr
+	c.Close() // the command is gone: stop feeding it
+	ferr := <-fed
+	for _, err := range []error{serr, werr, ferr} {
+		if err != nil && !errors.Is(err, os.ErrClosed) && !errors.Is(err, net.ErrClosed) && !errors.Is(err, syscall.EPIPE) {
+			return err
+		}
 	}
-	return werr
+	return nil
 }

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -23,10 +24,16 @@ import (
 var bin string
 
 func TestMain(m *testing.M) {
+	if target := os.Getenv("SINC_TEST_STEAL"); target != "" { // the thief of claims_test.go
+		pid, _ := strconv.Atoi(target)
+		stealMain(pid)
+		os.Exit(0)
+	}
 	dir, err := os.MkdirTemp("", "sinc-bin")
 	if err != nil {
 		panic(err)
 	}
+	os.Chmod(dir, 0o755) // client processes of other uids run the binary
 	bin = filepath.Join(dir, "sinc")
 	out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput()
 	if err != nil {
