@@ -271,21 +271,16 @@ func readRequest(conn *net.UnixConn, timeout time.Duration) (*local.Request, io.
 		}
 		return nil, nil, bad(wire.CodeBadRequest, "request must be one JSON line ending in a newline")
 	}
-	var req local.Request
-	dec := json.NewDecoder(bytes.NewReader(line))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&req); err != nil {
-		return nil, nil, bad(wire.CodeBadRequest, "malformed request: "+err.Error())
-	}
-	if req.V != local.Version {
-		return nil, nil, bad(wire.CodeBadRequest, fmt.Sprintf("protocol version %d; this agent speaks %d", req.V, local.Version))
+	req, err := local.ParseRequest(line)
+	if err != nil {
+		return nil, nil, bad(wire.CodeBadRequest, err.Error())
 	}
 	var rd io.Reader = conn
 	if n := br.Buffered(); n > 0 { // the process sent channel data at once
 		rest, _ := br.Peek(n)
 		rd = io.MultiReader(bytes.NewReader(bytes.Clone(rest)), conn)
 	}
-	return &req, rd, nil
+	return req, rd, nil
 }
 
 // listen registers a listener; it reports whether the connection lives on.

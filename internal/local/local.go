@@ -4,7 +4,9 @@
 package local
 
 import (
+	"bytes"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"strings"
@@ -108,6 +110,27 @@ type Conn struct {
 	BytesIn         uint64    `json:"bytes_in"`
 	RecordsOut      uint64    `json:"records_out"`
 	RecordsIn       uint64    `json:"records_in"`
+}
+
+// ParseRequest decodes a request line strictly: one JSON object, no unknown
+// fields, this version.
+func ParseRequest(line []byte) (*Request, error) {
+	if len(line) > MaxRequest {
+		return nil, fmt.Errorf("request longer than %d bytes", MaxRequest)
+	}
+	var req Request
+	dec := json.NewDecoder(bytes.NewReader(line))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil {
+		return nil, fmt.Errorf("malformed request: %v", err)
+	}
+	if dec.More() {
+		return nil, errors.New("malformed request: more than one JSON value")
+	}
+	if req.V != Version {
+		return nil, fmt.Errorf("protocol version %d; this agent speaks %d", req.V, Version)
+	}
+	return &req, nil
 }
 
 // Addr is a channel's destination: node/partition/service.
