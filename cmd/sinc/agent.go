@@ -39,6 +39,9 @@ func runAgent(args []string, stdout, stderr io.Writer) error {
 	}
 	log := slog.New(h)
 
+	if err := agent.Confine(); err != nil {
+		return err
+	}
 	cfg, err := config.Load(*path)
 	if err != nil {
 		return err

@@ -21,6 +21,7 @@ import (
 	"sinc.dev/sinc/internal/ident"
 	"sinc.dev/sinc/internal/link"
 	"sinc.dev/sinc/internal/policy"
+	"sinc.dev/sinc/internal/secret"
 	"sinc.dev/sinc/internal/wire"
 )
 
@@ -32,6 +33,7 @@ type Agent struct {
 	linkCfg  *link.Config
 	instance [link.InstanceSize]byte
 
+	arena     *secret.Arena // protected memory for every key the agent holds
 	pending   chan struct{} // one token per handshake in progress
 	accepting chan struct{} // one token per channel accept in progress
 
@@ -88,7 +90,23 @@ func New(cfg *config.Config, log *slog.Logger) (*Agent, error) {
 	if !key.PublicKey().Equal(mustX25519(c.PublicKey[:])) {
 		return nil, fmt.Errorf("key %s does not match the public key in cert %s", cfg.Key, cfg.Cert)
 	}
+	// Keys live in protected memory: one slot per channel (both
+	// directions' keys) and one for the node's key.
+	if fit := secret.Fit(keySlot, memlockReserve); fit < cfg.Limits.Channels+1 {
+		return nil, fmt.Errorf("config %s: limits.channels = %d needs %d KiB of locked memory for keys; RLIMIT_MEMLOCK allows %d channels",
+			cfg.Path, cfg.Limits.Channels, (cfg.Limits.Channels+1)*keySlot>>10, max(fit-1, 0))
+	}
+	arena, err := secret.New(cfg.Limits.Channels+1, keySlot)
+	if err != nil {
+		return nil, err
+	}
+	nodeKey, _ := arena.Alloc()
+	priv, pub := link.KeyPair(key)
+	copy(nodeKey, priv)
+	clear(priv)
+	tellKey("node", nodeKey[:32])
 	a := &Agent{
+		arena:      arena,
 		cfg:        cfg,
 		log:        log.With("node", cfg.Node),
 		cert:       c,
@@ -105,7 +123,8 @@ func New(cfg *config.Config, log *slog.Logger) (*Agent, error) {
 	a.self = &selfCarrier{a}
 	a.policy.Store(cfg.Policy)
 	a.linkCfg = &link.Config{
-		Static:           key,
+		Private:          nodeKey[:32],
+		Public:           pub,
 		Cert:             c,
 		Verifier:         verifier,
 		Instance:         a.instance,
@@ -121,6 +140,13 @@ func New(cfg *config.Config, log *slog.Logger) (*Agent, error) {
 
 // maxAccepting bounds the channel opens from peers being accepted at once.
 const maxAccepting = 256
+
+// keySlot is the protected memory a channel's keys take: one 32-byte key
+// per direction (and a slot holds the node's key).
+const keySlot = 2 * wire.KeyLen
+
+// memlockReserve is locked memory left for other uses than keys.
+const memlockReserve = 64 << 10
 
 func mustX25519(b []byte) *ecdh.PublicKey {
 	k, err := ecdh.X25519().NewPublicKey(b)
@@ -159,7 +185,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	a.log.Info("agent started", "listen", ln.Addr().String(), "admin", a.cfg.Admin,
 		"partitions", len(a.partitions), "peers", len(a.peers), "policy_rules", a.policy.Load().Len(),
-		"cert_expires", a.cert.NotAfter)
+		"cert_expires", a.cert.NotAfter, "key_memory", a.arena.Protection(), "key_slots", a.cfg.Limits.Channels)
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -189,6 +215,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.closeLinks("agent shutting down")
 	a.wg.Wait()
 	os.Remove(a.cfg.Admin)
+	a.arena.Close()
 	a.log.Info("agent stopped")
 	return nil
 }

@@ -242,9 +242,11 @@ func TestCloseEndsBothSidesAndZeroesKeys(t *testing.T) {
 	}
 	// Each side holds the key the other chose for traffic to it.
 	ka, kb := &ca[0].keys, &cb[0].keys
-	if ka.sendKey != kb.recvKey || kb.sendKey != ka.recvKey || ka.sendKey == ka.recvKey {
+	if !bytes.Equal(ka.sendKey(), kb.recvKey()) || !bytes.Equal(kb.sendKey(), ka.recvKey()) ||
+		bytes.Equal(ka.sendKey(), ka.recvKey()) {
 		t.Fatal("keys are not receiver-chosen per direction")
 	}
+	slotA, slotB := ka.slot, kb.slot // the protected memory that held them
 	c.Close()
 	// The other end reads EOF: the dialer's FIN.
 	srv.SetReadDeadline(time.Now().Add(5 * time.Second))
@@ -257,10 +259,15 @@ func TestCloseEndsBothSidesAndZeroesKeys(t *testing.T) {
 	})
 	for _, k := range []*keyEntry{ka, kb} {
 		k.mu.Lock()
-		zero := k.zeroized && k.sendKey == [32]byte{} && k.recvKey == [32]byte{} && k.send == nil && k.recv == nil
+		zero := k.zeroized && k.slot == nil && k.send == nil && k.recv == nil
 		k.mu.Unlock()
 		if !zero {
-			t.Fatal("keys not zeroed after close")
+			t.Fatal("keys not dropped after close")
+		}
+	}
+	for _, s := range [][]byte{slotA, slotB} {
+		if !bytes.Equal(s, make([]byte, len(s))) {
+			t.Fatal("key memory not zeroed after close")
 		}
 	}
 }

@@ -80,20 +80,23 @@ func (a *Agent) dial(p *partition, proc *procRef, sock *net.UnixConn, rd io.Read
 	ch.sock, ch.rd = sock, rd
 	ch.opened = make(chan *local.Error, 1)
 	ch.state = chanState{peer: addr.Node, remotePart: addr.Partition, status: "opening"}
-	recvKey := newKey()
-	ch.keys.recvKey = recvKey
-	ch.keys.recv = newGCM(&recvKey)
+	if err := ch.keys.alloc(a.arena); err != nil {
+		proc.release()
+		return fail(wire.CodeLimit, a.cfg.Node, "%s has no room for more channel keys", a.cfg.Node)
+	}
+	ch.keys.pickRecv()
 	ch.granted = uint64(ch.window)
 	ch.conn = local.Conn{Partition: p.name, Process: proc.wire(), RemoteNode: addr.Node,
 		RemotePartition: addr.Partition, RemoteService: addr.Service, Kind: kind.String(), Dialed: true, Created: time.Now()}
 	if err := a.tables.add(ch); err != nil {
+		ch.keys.zero()
 		proc.release()
 		return fail(wire.CodeLimit, a.cfg.Node, "%s has %d channels open, its limit", a.cfg.Node, a.cfg.Limits.Channels)
 	}
-	m := &wire.Open{Kind: kind, Index: ch.state.index, Conn: ch.id, Window: ch.window, Key: recvKey,
+	m := &wire.Open{Kind: kind, Index: ch.state.index, Conn: ch.id, Window: ch.window,
 		SrcNode: a.cfg.Node, SrcPart: p.name, SrcProc: proc.wireID(),
 		DstNode: addr.Node, DstPart: addr.Partition, DstSvc: addr.Service}
-	clear(recvKey[:])
+	copy(m.Key[:], ch.keys.recvKey())
 	msg := m.Marshal()
 	clear(m.Key[:])
 	err = car.sendControl(msg)
@@ -161,10 +164,7 @@ func (a *Agent) handleAccept(car carrier, m *wire.Accept) {
 	ch.state.remoteIndex, ch.state.remoteConn, ch.state.status = m.Index, m.Conn, "open"
 	ch.conn.RemoteProcess = local.Proc{PID: m.DstProc.PID, UID: m.DstProc.UID, GID: m.DstProc.GID}
 	ch.mu.Unlock()
-	ch.keys.mu.Lock()
-	ch.keys.sendKey = m.Key
-	ch.keys.send = newGCM(&m.Key)
-	ch.keys.mu.Unlock()
+	ch.keys.setSend(m.Key[:])
 	ch.credit.Store(int64(m.Window))
 	if !a.tables.setRemote(ch) {
 		ch.opened <- &local.Error{Code: wire.CodeExists.String(), Message: "duplicate channel ids from " + car.name()}
@@ -283,9 +283,14 @@ func (a *Agent) accept(car carrier, m *wire.Open, p *partition, l *listener) (wi
 	ch.sock = c.(*net.UnixConn)
 	ch.rd = ch.sock
 	ch.state = chanState{peer: car.name(), remotePart: m.SrcPart, remoteIndex: m.Index, remoteConn: m.Conn, status: "open"}
-	recvKey := newKey()
-	ch.keys.recvKey, ch.keys.recv = recvKey, newGCM(&recvKey)
-	ch.keys.sendKey, ch.keys.send = m.Key, newGCM(&m.Key)
+	if err := ch.keys.alloc(a.arena); err != nil {
+		unix.Close(fds[1])
+		ch.sock.Close()
+		l.proc.release()
+		return wire.CodeLimit, a.cfg.Node + " has no room for more channel keys"
+	}
+	ch.keys.pickRecv()
+	ch.keys.setSend(m.Key[:])
 	ch.credit.Store(int64(m.Window))
 	ch.granted = uint64(ch.window)
 	ch.conn = local.Conn{Partition: p.name, Process: l.proc.wire(), Service: l.service, RemoteNode: m.SrcNode,
@@ -309,8 +314,8 @@ func (a *Agent) accept(car carrier, m *wire.Open, p *partition, l *listener) (wi
 		return wire.CodeBusy, fmt.Sprintf("the listener of %s/%s/%s is not accepting: %v", a.cfg.Node, p.name, l.service, err)
 	}
 	acc := &wire.Accept{InitIndex: m.Index, InitConn: m.Conn, Index: ch.state.index, Conn: ch.id,
-		Window: ch.window, Key: recvKey, DstProc: l.proc.wireID()}
-	clear(recvKey[:])
+		Window: ch.window, DstProc: l.proc.wireID()}
+	copy(acc.Key[:], ch.keys.recvKey())
 	msg := acc.Marshal()
 	clear(acc.Key[:])
 	err = car.sendControl(msg)

@@ -11,6 +11,7 @@ import (
 
 	"sinc.dev/sinc/internal/local"
 	"sinc.dev/sinc/internal/replay"
+	"sinc.dev/sinc/internal/secret"
 	"sinc.dev/sinc/internal/wire"
 )
 
@@ -155,25 +156,48 @@ type chanState struct {
 // peer with the key the peer chose; recv opens frames to us with the key we
 // chose. The raw keys are kept only to be zeroed.
 type keyEntry struct {
-	mu       sync.Mutex // guards send and sendCtr (the sending pump and close)
+	mu       sync.Mutex // guards send, sendCtr and slot (the sending pump and close)
+	arena    *secret.Arena
+	slot     []byte // protected memory: the send key, then the receive key
 	epoch    uint16
 	send     cipher.AEAD
 	sendCtr  uint64
-	sendKey  [wire.KeyLen]byte
 	recv     cipher.AEAD
-	recvKey  [wire.KeyLen]byte
 	window   replay.Window // guarded by channel.rmu
 	zeroized bool
 }
 
-// newKey returns a fresh random channel key.
-func newKey() (k [wire.KeyLen]byte) {
-	rand.Read(k[:])
-	return k
+// alloc takes the entry's protected memory.
+func (k *keyEntry) alloc(a *secret.Arena) error {
+	s, err := a.Alloc()
+	if err != nil {
+		return err
+	}
+	k.arena, k.slot = a, s
+	return nil
 }
 
-func newGCM(k *[wire.KeyLen]byte) cipher.AEAD {
-	b, err := aes.NewCipher(k[:])
+func (k *keyEntry) sendKey() []byte { return k.slot[:wire.KeyLen] }
+func (k *keyEntry) recvKey() []byte { return k.slot[wire.KeyLen : 2*wire.KeyLen] }
+
+// setSend takes the key the peer chose for traffic to it.
+func (k *keyEntry) setSend(key []byte) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	copy(k.sendKey(), key)
+	k.send = newGCM(k.sendKey())
+	tellKey("channel send", k.sendKey())
+}
+
+// pickRecv chooses a fresh random key for traffic to us.
+func (k *keyEntry) pickRecv() {
+	rand.Read(k.recvKey())
+	k.recv = newGCM(k.recvKey())
+	tellKey("channel receive", k.recvKey())
+}
+
+func newGCM(k []byte) cipher.AEAD {
+	b, err := aes.NewCipher(k)
 	if err != nil {
 		panic(err) // cannot happen: the key is 32 bytes
 	}
@@ -188,8 +212,10 @@ func newGCM(k *[wire.KeyLen]byte) cipher.AEAD {
 func (k *keyEntry) zero() {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	clear(k.sendKey[:])
-	clear(k.recvKey[:])
+	if k.slot != nil {
+		k.arena.Free(k.slot) // zeroes it
+		k.slot = nil
+	}
 	k.send, k.recv = nil, nil
 	k.zeroized = true
 }

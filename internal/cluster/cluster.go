@@ -145,14 +145,18 @@ type Process struct {
 }
 
 // Start runs `bin agent --config` for node n, logging to a file in its dir.
-func Start(bin string, n *Node) (*Process, error) {
+func Start(bin string, n *Node) (*Process, error) { return StartWith(bin, n, nil) }
+
+// StartWith is Start with extra environment variables and agent flags.
+func StartWith(bin string, n *Node, env []string, args ...string) (*Process, error) {
 	logPath := filepath.Join(n.Dir, "agent.log")
 	f, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
-	cmd := exec.Command(bin, "agent", "--config", n.Config)
+	cmd := exec.Command(bin, append([]string{"agent", "--config", n.Config}, args...)...)
+	cmd.Env = append(os.Environ(), env...)
 	cmd.Stdout, cmd.Stderr = f, f
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {

@@ -36,8 +36,10 @@ var suite = noise.NewCipherSuite(noise.DH25519, noise.CipherAESGCM, noise.HashSH
 
 // Config is one agent's side of its links.
 type Config struct {
-	Static   *ecdh.PrivateKey  // node's static X25519 key
-	Cert     *cert.Certificate // node's certificate, for Static's public key
+	// The node's static X25519 key pair. Private should live in protected
+	// memory (package secret): the handshake uses it in place, no copy.
+	Private, Public []byte
+	Cert            *cert.Certificate // node's certificate, for Public
 	Verifier *cert.Verifier    // the cluster CA
 	Instance [InstanceSize]byte
 
@@ -60,6 +62,12 @@ func (c *Config) handshakeTimeout() time.Duration {
 		return c.HandshakeTimeout
 	}
 	return DefaultHandshakeTimeout
+}
+
+// KeyPair returns the raw private and public key of k, for Config. The
+// private bytes are a copy the caller should move to protected memory.
+func KeyPair(k *ecdh.PrivateKey) (private, public []byte) {
+	return k.Bytes(), k.PublicKey().Bytes()
 }
 
 // NewInstance returns a fresh random instance id.
@@ -95,7 +103,7 @@ func (c *Config) noiseConfig(initiator bool) noise.Config {
 		Pattern:       noise.HandshakeXX,
 		Initiator:     initiator,
 		Prologue:      []byte(prologue),
-		StaticKeypair: noise.DHKey{Private: c.Static.Bytes(), Public: c.Static.PublicKey().Bytes()},
+		StaticKeypair: noise.DHKey{Private: c.Private, Public: c.Public},
 	}
 }
 

@@ -292,6 +292,7 @@ func (l *Link) Serve(h Handler) error {
 				return l.err
 			}
 			h.HandleControl(l, m)
+			clear(m) // it may have carried a channel key
 		}
 	}
 }

@@ -18,8 +18,10 @@ import (
 
 // side is one agent of a test: its link config.
 func side(t testing.TB, ca *certtest.CA, n *certtest.Node) *Config {
+	priv, pub := KeyPair(n.Key)
 	return &Config{
-		Static:           n.Key,
+		Private:          priv,
+		Public:           pub,
 		Cert:             n.Cert,
 		Verifier:         ca.Verifier(t),
 		Instance:         NewInstance(),
