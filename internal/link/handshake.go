@@ -40,8 +40,8 @@ type Config struct {
 	// memory (package secret): the handshake uses it in place, no copy.
 	Private, Public []byte
 	Cert            *cert.Certificate // node's certificate, for Public
-	Verifier *cert.Verifier    // the cluster CA
-	Instance [InstanceSize]byte
+	Verifier        *cert.Verifier    // the cluster CA
+	Instance        [InstanceSize]byte
 
 	HandshakeTimeout time.Duration // whole handshake, accept frame included
 	Keepalive        time.Duration // send a keepalive when idle this long

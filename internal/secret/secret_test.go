@@ -72,7 +72,7 @@ func testArena(t *testing.T, fallback bool) {
 	}
 }
 
-func TestArenaMemfdSecret(t *testing.T) { testArena(t, false) }
+func TestArenaMemfdSecret(t *testing.T)    { testArena(t, false) }
 func TestArenaLockedFallback(t *testing.T) { testArena(t, true) }
 
 // TestMemlockBound: an arena larger than RLIMIT_MEMLOCK is refused with an
