@@ -24,9 +24,19 @@ import (
 var bin string
 
 func TestMain(m *testing.M) {
-	if target := os.Getenv("SINC_TEST_STEAL"); target != "" { // the thief of claims_test.go
+	// The test binary doubles as the attacker processes of the tests.
+	if target := os.Getenv("SINC_TEST_STEAL"); target != "" {
 		pid, _ := strconv.Atoi(target)
 		stealMain(pid)
+		os.Exit(0)
+	}
+	if target := os.Getenv("SINC_TEST_PEEK"); target != "" {
+		pid, _ := strconv.Atoi(target)
+		peekMain(pid)
+		os.Exit(0)
+	}
+	if arg := os.Getenv("SINC_TEST_FLOOD"); arg != "" {
+		floodMain(arg)
 		os.Exit(0)
 	}
 	dir, err := os.MkdirTemp("", "sinc-bin")

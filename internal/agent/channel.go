@@ -36,6 +36,7 @@ type channel struct {
 	kind    wire.Kind
 	part    string            // local partition
 	owner   *procRef          // the local process
+	dialed  bool              // the local process opened it (else it accepted it)
 	sock    *net.UnixConn     // the process's data socket
 	rd      io.Reader         // reads sock (after bytes read with the request)
 	carrier carrier           // how frames reach the peer agent
@@ -395,7 +396,7 @@ func (ch *channel) end(why *local.Error, tell bool) {
 	if started {
 		ch.closeSocket(why)
 	}
-	ch.owner.release()
+	ch.owner.release(ch.dialed)
 	if why != nil {
 		ch.a.log.Debug("channel ended", "conn", ch.id, "peer", st.peer, "code", why.Code, "reason", why.Message)
 	}

@@ -73,16 +73,17 @@ func (a *Agent) dial(p *partition, proc *procRef, sock *net.UnixConn, rd io.Read
 		return fail(wire.CodeDenied, a.cfg.Node, "policy of %s does not allow %s/%s (uid %d) to reach %s",
 			a.cfg.Node, a.cfg.Node, p.name, proc.uid, addr)
 	}
-	if err := proc.take(); err != nil {
+	if err := proc.take(true); err != nil {
 		return fail(wire.CodeLimit, a.cfg.Node, "%v", err)
 	}
 	ch := a.newChannel(kind, p.name, proc, car)
+	ch.dialed = true
 	ch.sock, ch.rd = sock, rd
 	ch.opened = make(chan *local.Error, 1)
 	ch.state = chanState{peer: addr.Node, remotePart: addr.Partition, status: "opening"}
 	if err := ch.keys.alloc(a.arena); err != nil {
-		proc.release()
-		return fail(wire.CodeLimit, a.cfg.Node, "%s has no room for more channel keys", a.cfg.Node)
+		proc.release(true)
+		return fail(wire.CodeLimit, a.cfg.Node, "%s", a.tableFull())
 	}
 	ch.keys.pickRecv()
 	ch.granted = uint64(ch.window)
@@ -90,8 +91,8 @@ func (a *Agent) dial(p *partition, proc *procRef, sock *net.UnixConn, rd io.Read
 		RemotePartition: addr.Partition, RemoteService: addr.Service, Kind: kind.String(), Dialed: true, Created: time.Now()}
 	if err := a.tables.add(ch); err != nil {
 		ch.keys.zero()
-		proc.release()
-		return fail(wire.CodeLimit, a.cfg.Node, "%s has %d channels open, its limit", a.cfg.Node, a.cfg.Limits.Channels)
+		proc.release(true)
+		return fail(wire.CodeLimit, a.cfg.Node, "%s", a.tableFull())
 	}
 	m := &wire.Open{Kind: kind, Index: ch.state.index, Conn: ch.id, Window: ch.window,
 		SrcNode: a.cfg.Node, SrcPart: p.name, SrcProc: proc.wireID(),
@@ -118,6 +119,12 @@ func (a *Agent) dial(p *partition, proc *procRef, sock *net.UnixConn, rd io.Read
 		ch.end(&local.Error{Code: wire.CodeTimeout.String()}, true)
 		return fail(wire.CodeTimeout, "", "%s did not answer within %s", addr.Node, a.cfg.Timers.Open)
 	}
+}
+
+// tableFull says the channel table (and with it the key memory, sized to
+// match) is full.
+func (a *Agent) tableFull() string {
+	return fmt.Sprintf("%s has %d channels open, its limit", a.cfg.Node, a.cfg.Limits.Channels)
 }
 
 // waitLink waits until pr has a link up, or deadline.
@@ -263,12 +270,12 @@ func (a *Agent) handleOpen(car carrier, m *wire.Open) {
 // accept makes the channel for an Open that passed every check and hands
 // its socket to the listener. It runs off the link's reading goroutine.
 func (a *Agent) accept(car carrier, m *wire.Open, p *partition, l *listener) (wire.Code, string) {
-	if err := l.proc.take(); err != nil {
+	if err := l.proc.take(false); err != nil {
 		return wire.CodeLimit, err.Error()
 	}
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
-		l.proc.release()
+		l.proc.release(false)
 		return wire.CodeInternal, "socketpair: " + err.Error()
 	}
 	f := os.NewFile(uintptr(fds[0]), "channel")
@@ -276,7 +283,7 @@ func (a *Agent) accept(car carrier, m *wire.Open, p *partition, l *listener) (wi
 	f.Close()
 	if err != nil {
 		unix.Close(fds[1])
-		l.proc.release()
+		l.proc.release(false)
 		return wire.CodeInternal, "socket: " + err.Error()
 	}
 	ch := a.newChannel(m.Kind, p.name, l.proc, car)
@@ -286,8 +293,8 @@ func (a *Agent) accept(car carrier, m *wire.Open, p *partition, l *listener) (wi
 	if err := ch.keys.alloc(a.arena); err != nil {
 		unix.Close(fds[1])
 		ch.sock.Close()
-		l.proc.release()
-		return wire.CodeLimit, a.cfg.Node + " has no room for more channel keys"
+		l.proc.release(false)
+		return wire.CodeLimit, a.tableFull()
 	}
 	ch.keys.pickRecv()
 	ch.keys.setSend(m.Key[:])
@@ -303,7 +310,7 @@ func (a *Agent) accept(car carrier, m *wire.Open, p *partition, l *listener) (wi
 		if errors.Is(err, errDuplicate) {
 			return wire.CodeExists, fmt.Sprintf("channel %d of %s is already open", m.Conn, car.name())
 		}
-		return wire.CodeLimit, fmt.Sprintf("%s has %d channels open, its limit", a.cfg.Node, a.cfg.Limits.Channels)
+		return wire.CodeLimit, a.tableFull()
 	}
 	row := ch.row()
 	err = l.notify(&row, fds[1])

@@ -74,14 +74,16 @@ func (r *procRef) wireID() wire.Proc {
 	return wire.Proc{PID: uint32(r.pid), UID: r.uid, GID: r.gid}
 }
 
-// take counts one more channel against the process's and the partition's
-// limits.
-func (r *procRef) take() error {
+// take counts one more channel against the partition's limit and, for a
+// channel the process dialed (dialed), against the process's: a process
+// that floods opens meets its own limit, while a service is bounded by its
+// partition's.
+func (r *procRef) take(dialed bool) error {
 	a, lim := r.a, r.a.cfg.Limits
 	a.procMu.Lock()
 	defer a.procMu.Unlock()
 	k := r.key
-	if a.procs[k] >= lim.ChannelsPerProcess {
+	if dialed && a.procs[k] >= lim.ChannelsPerProcess {
 		return fmt.Errorf("process %d has %d channels open, the limit per process", r.pid, lim.ChannelsPerProcess)
 	}
 	r.part.mu.Lock()
@@ -89,19 +91,22 @@ func (r *procRef) take() error {
 	if r.part.channels >= lim.ChannelsPerPartition {
 		return fmt.Errorf("partition %s has %d channels open, its limit", r.part.name, lim.ChannelsPerPartition)
 	}
-	a.procs[k]++
+	if dialed {
+		a.procs[k]++
+	}
 	r.part.channels++
 	return nil
 }
 
 // release gives back what take counted.
-func (r *procRef) release() {
+func (r *procRef) release(dialed bool) {
 	a := r.a
 	a.procMu.Lock()
 	defer a.procMu.Unlock()
-	k := r.key
-	if a.procs[k]--; a.procs[k] <= 0 {
-		delete(a.procs, k)
+	if k := r.key; dialed {
+		if a.procs[k]--; a.procs[k] <= 0 {
+			delete(a.procs, k)
+		}
 	}
 	r.part.mu.Lock()
 	r.part.channels--
