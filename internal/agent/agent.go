@@ -37,9 +37,8 @@ type Agent struct {
 	pending   chan struct{} // one token per handshake in progress
 	accepting chan struct{} // one token per channel accept in progress
 
-	mu       sync.Mutex
-	peers    map[string]*peer
-	carriers map[*link.Link]*linkCarrier // links that carry channels
+	mu    sync.Mutex
+	peers map[string]*peer
 
 	partitions map[string]*partition // fixed after start
 	self       *selfCarrier
@@ -114,7 +113,6 @@ func New(cfg *config.Config, log *slog.Logger) (*Agent, error) {
 		pending:    make(chan struct{}, cfg.Limits.PendingHandshakes),
 		accepting:  make(chan struct{}, maxAccepting),
 		peers:      make(map[string]*peer, len(cfg.Peers)),
-		carriers:   map[*link.Link]*linkCarrier{},
 		partitions: make(map[string]*partition, len(cfg.Partitions)),
 		tables:     newTables(cfg.Limits.Channels),
 		procs:      map[ident.Key]int{},
@@ -133,7 +131,9 @@ func New(cfg *config.Config, log *slog.Logger) (*Agent, error) {
 		DeadAfter:        cfg.Timers.DeadAfter,
 	}
 	for name, p := range cfg.Peers {
-		a.peers[name] = newPeer(name, p.Address)
+		pr := newPeer(name, p.Address)
+		pr.carrier = &peerCarrier{a: a, p: pr}
+		a.peers[name] = pr
 	}
 	return a, nil
 }
@@ -301,16 +301,14 @@ func (a *Agent) adopt(ctx context.Context, l *link.Link) {
 	}
 	if err := l.Confirm(); err != nil {
 		a.unregister(l)
-		a.dropCarrier(l, "the link failed as it came up")
 		return
 	}
 	a.goRun(func() { a.serve(l) })
 }
 
-// serve runs an up link until it closes; its channels end with it.
+// serve runs an up link until it closes; its channels wait for the next.
 func (a *Agent) serve(l *link.Link) {
 	err := l.Serve(a)
 	a.unregister(l)
 	a.log.Info("peer link down", "peer", l.Peer().Name, "reason", err)
-	a.dropCarrier(l, "the link to "+l.Peer().Name+" was lost: "+err.Error())
 }

@@ -74,7 +74,7 @@ type testAgent struct {
 	done   chan error
 }
 
-var fastTimers = cluster.Timers{Handshake: "500ms", Keepalive: "100ms", DeadAfter: "500ms", DialMin: "20ms", DialMax: "200ms"}
+var fastTimers = cluster.Timers{Handshake: "500ms", Keepalive: "100ms", DeadAfter: "500ms", DialMin: "20ms", DialMax: "200ms", Grace: "300ms"}
 
 // testCluster lays out nodes named in names (partition "p1" each) in a
 // temporary folder.

@@ -1,25 +1,51 @@
 package agent
 
 import (
+	"errors"
+	"fmt"
+	"time"
+
 	"sinc.dev/sinc/internal/link"
 	"sinc.dev/sinc/internal/wire"
 )
 
-// codeLinkLost is what a process is told when its channel's link is gone.
-const codeLinkLost = wire.CodeReset
+// A channel is bound to a peer agent — one node, one instance of its agent
+// — and rides whichever link to it is up. Frames of the channel are
+// accepted only from links to that peer. When the link breaks, the channel
+// is held for the grace period (timers.grace): a new link to the same
+// instance resumes it (each side sends again what the other may have lost);
+// a link to a new instance (the peer restarted, losing its channels) or the
+// end of the grace period ends it with a reason the process sees.
 
-// A channel is bound to the carrier it opened on: one peer link, or this
-// agent itself. Frames of the channel are accepted only from that carrier,
-// and when the link ends its channels end with it, on both agents alike.
-
-// linkCarrier carries channels over one peer link.
-type linkCarrier struct {
-	l *link.Link
+// peerCarrier carries channels to one peer over its current link.
+type peerCarrier struct {
+	a *Agent
+	p *peer
 }
 
-func (c *linkCarrier) name() string                 { return c.l.Peer().Name }
-func (c *linkCarrier) sendControl(msg []byte) error { return c.l.Send(msg) }
-func (c *linkCarrier) sendData(frame []byte) error  { return c.l.SendData(frame) }
+var errNoLink = errors.New("no link to the peer")
+
+func (c *peerCarrier) name() string { return c.p.name }
+
+func (c *peerCarrier) link() *link.Link {
+	c.a.mu.Lock()
+	defer c.a.mu.Unlock()
+	return c.p.link
+}
+
+func (c *peerCarrier) sendControl(msg []byte) error {
+	if l := c.link(); l != nil {
+		return l.Send(msg)
+	}
+	return errNoLink
+}
+
+func (c *peerCarrier) sendData(frame []byte) error {
+	if l := c.link(); l != nil {
+		return l.SendData(frame)
+	}
+	return errNoLink
+}
 
 // selfCarrier carries the frames of a channel between two partitions of
 // this agent: straight into its own receiving side, through the same
@@ -37,33 +63,70 @@ func (c *selfCarrier) sendData(frame []byte) error {
 	return nil
 }
 
-// carrierOf returns the carrier of link l, or nil once the link has ended.
+// carrierOf returns the carrier of the peer behind l, or nil if l is a link
+// to an instance of the peer that is no longer the current one.
 func (a *Agent) carrierOf(l *link.Link) carrier {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if c := a.carriers[l]; c != nil {
-		return c
+	p := a.peers[l.Peer().Name]
+	if p == nil || p.instance != l.PeerInstance() {
+		return nil
 	}
-	return nil
+	return p.carrier
 }
 
-// dropCarrier ends every channel carried by l, for reason.
-func (a *Agent) dropCarrier(l *link.Link, reason string) {
-	a.mu.Lock()
-	c := a.carriers[l]
-	delete(a.carriers, l)
-	a.mu.Unlock()
-	if c == nil {
-		return
-	}
-	n := 0
+// channelsOf returns the channels carried to p.
+func (a *Agent) channelsOf(p *peer) []*channel {
+	var out []*channel
 	for _, ch := range a.tables.all() {
-		if ch.carrier == carrier(c) {
-			ch.abort(codeLinkLost, reason, false)
-			n++
+		if ch.carrier == carrier(p.carrier) {
+			out = append(out, ch)
 		}
 	}
-	if n > 0 {
-		a.log.Info("channels ended with their link", "peer", c.name(), "count", n, "reason", reason)
+	return out
+}
+
+// abortPeer ends every channel carried to p, for reason.
+func (a *Agent) abortPeer(p *peer, reason string) {
+	chs := a.channelsOf(p)
+	for _, ch := range chs {
+		ch.abort(codeLinkLost, reason, false)
 	}
+	if len(chs) > 0 {
+		a.log.Info("channels ended", "peer", p.name, "count", len(chs), "reason", reason)
+	}
+}
+
+// codeLinkLost is what a process is told when its channel's peer is lost.
+const codeLinkLost = wire.CodeReset
+
+// resumePeer sends again, on p's new link, what its channels may have lost.
+func (a *Agent) resumePeer(p *peer) {
+	chs := a.channelsOf(p)
+	for _, ch := range chs {
+		a.goRun(ch.resume)
+	}
+	if len(chs) > 0 {
+		a.counters.resumes.Add(uint64(len(chs)))
+		a.log.Info("channels resumed", "peer", p.name, "count", len(chs))
+	}
+}
+
+// holdPeer starts the grace period of p's channels after its link broke.
+// Called with a.mu held.
+func (a *Agent) holdPeer(p *peer, why string) {
+	grace := a.cfg.Timers.Grace
+	if p.grace != nil {
+		p.grace.Stop()
+	}
+	p.grace = time.AfterFunc(grace, func() {
+		a.mu.Lock()
+		back := p.link != nil
+		a.mu.Unlock()
+		if back {
+			return
+		}
+		a.counters.graceExpired.Add(1)
+		a.abortPeer(p, fmt.Sprintf("the link to %s was lost (%s) and did not come back within %s", p.name, why, grace))
+	})
 }

@@ -3,7 +3,6 @@ package agent
 import (
 	"encoding/json"
 	"errors"
-	"fmt"
 	"io"
 	"net"
 	"sync"
@@ -18,16 +17,30 @@ import (
 // A channel's data path, one direction at a time:
 //
 //	process socket → outbound pump: read record → wait for credit → seal with
-//	                 the peer's key → carrier (peer link, or this agent)
+//	                 the peer's key → keep in the retransmit buffer → carrier
 //	carrier → receive (HandleData, on the link's reading goroutine): index →
-//	          ids → open with our key → replay window → credit → queue
+//	          ids → open with our key → next in order (replay window) →
+//	          credit → queue
 //	queue → inbound pump: write record to the process socket → grant credit
+//	        and acknowledge (one Credit message carries both)
 //
 // Each channel has its two pumps; the receive step never blocks (credit
 // bounds the queue), so a process that stops reading stalls only its own
-// channel. A stream ends gracefully when a FIN has gone each way; anything
-// else (a Close from the peer, a broken socket, a protocol error, the link
-// lost) aborts it: the process gets a close record saying why.
+// channel. Every sealed frame stays in its sender's retransmit buffer until
+// the receiver acknowledges it, so when a link breaks, the frames it may
+// have lost are sent again on the next link to the same agent (resume), and
+// the receiver, which takes frames strictly in counter order, drops the
+// copies it already has. The retransmit buffer is bounded by the credit the
+// receiver granted, the queue by the credit we granted.
+//
+// A stream ends gracefully when a FIN has gone each way and ours was
+// acknowledged; anything else (a Close from the peer, a broken socket, a
+// protocol error, the link not back within the grace period, the peer
+// restarted) aborts it: the process gets a close record saying why.
+//
+// Locks: mu (state, conn, lifecycle) → txmu (sealing and sending, in order)
+// → keys.mu → smu (send credit, retransmit buffer); rmu (receive side)
+// is taken alone, or before keys.mu when keys are dropped.
 
 // channel is one channel between a local process and a remote one.
 type channel struct {
@@ -45,30 +58,44 @@ type channel struct {
 	done    chan struct{}     // closed when the channel has ended
 	ended   atomic.Bool
 
-	mu      sync.Mutex // guards state, conn, closeErr, started and setting ended
-	started bool
-	state   chanState
-	conn    local.Conn
-	keys    keyEntry
+	mu       sync.Mutex // guards state, conn, closeErr, started and setting ended
+	started  bool
+	state    chanState
+	conn     local.Conn
+	closeErr *local.Error
+	keys     keyEntry
 
 	// sending side
-	credit    atomic.Int64  // bytes we may still send
-	creditSig chan struct{} // a credit arrived
+	txmu      sync.Mutex // held while sealing and sending, so frames leave in counter order
+	smu       sync.Mutex // guards the fields below
+	sent      uint64     // payload bytes taken from credit
+	peerGrant uint64     // payload bytes the peer allows in all
+	rtx       []rtxFrame // sent and not yet acknowledged, in counter order
+	finSeq    uint64     // counter of our FIN, once finQueued
+	finQueued bool
+	finAcked  bool
+	creditSig chan struct{} // credit or an acknowledgement arrived
+	finOut    atomic.Bool   // our FIN went out
 
 	// receiving side, guarded by rmu
 	rmu       sync.Mutex
-	granted   uint64 // total bytes granted to the peer
-	received  uint64 // total bytes received from the peer
-	delivered uint64 // total bytes written to the process
+	next      uint64 // counter of the frame expected next
+	asked     uint64 // 1 + the value of next at which we last asked for a resend
+	granted   uint64 // payload bytes granted to the peer in all
+	received  uint64 // payload bytes received
+	delivered uint64 // payload bytes written to the process
 	inq       []inItem
 	inqSig    chan struct{}
-	finIn     bool // a FIN arrived
+	finIn     bool        // the peer's FIN arrived
+	finDone   atomic.Bool // the peer's FIN was delivered to the process
 
-	finOut   atomic.Bool // our FIN went out
-	finDone  atomic.Bool // the peer's FIN was delivered to the process
-	closeErr *local.Error
+	bytesIn, bytesOut, recsIn, recsOut, retransmits atomic.Uint64
+}
 
-	bytesIn, bytesOut, recsIn, recsOut atomic.Uint64
+// rtxFrame is a sealed frame kept until the peer acknowledges it.
+type rtxFrame struct {
+	counter uint64
+	frame   []byte
 }
 
 // inItem is one thing to deliver to the process.
@@ -77,8 +104,8 @@ type inItem struct {
 	fin  bool
 }
 
-// carrier takes frames to the peer agent of a channel: a peer link, or this
-// agent itself for a channel between two of its partitions.
+// carrier takes frames to the peer agent of a channel: the current link to
+// a peer, or this agent itself for a channel between two of its partitions.
 type carrier interface {
 	name() string // the peer node
 	sendControl(msg []byte) error
@@ -128,9 +155,7 @@ func (ch *channel) outbound() {
 	for {
 		if _, err := io.ReadFull(ch.rd, hdr[:]); err != nil {
 			if err == io.EOF { // at a record boundary: the process closed
-				if !ch.finOut.Load() {
-					ch.sendFin()
-				}
+				ch.sendFin()
 				ch.checkDone()
 				return
 			}
@@ -165,9 +190,8 @@ func (ch *channel) outbound() {
 				ch.abort(wire.CodeReset, "the local process broke off a record", true)
 				return
 			}
-			if err := ch.seal(frame, n, 0); err != nil {
-				ch.abort(wire.CodeReset, err.Error(), false)
-				return
+			if err := ch.send(frame, n, 0); err != nil {
+				return // the channel ended
 			}
 			ch.bytesOut.Add(uint64(n))
 			ch.recsOut.Add(1)
@@ -181,13 +205,13 @@ func (ch *channel) outbound() {
 // waitCredit takes n bytes of credit, waiting for the peer to grant them.
 func (ch *channel) waitCredit(n int) bool {
 	for {
-		c := ch.credit.Load()
-		if c >= int64(n) {
-			if ch.credit.CompareAndSwap(c, c-int64(n)) {
-				return true
-			}
-			continue
+		ch.smu.Lock()
+		if ch.peerGrant-ch.sent >= uint64(n) {
+			ch.sent += uint64(n)
+			ch.smu.Unlock()
+			return true
 		}
+		ch.smu.Unlock()
 		select {
 		case <-ch.creditSig:
 		case <-ch.done:
@@ -196,14 +220,19 @@ func (ch *channel) waitCredit(n int) bool {
 	}
 }
 
-// seal fills in the header of frame, seals its n payload bytes with the
-// peer's key and sends it.
-func (ch *channel) seal(frame []byte, n int, flags byte) error {
+var errKeysGone = errors.New("channel keys are gone")
+
+// send seals frame's n payload bytes with the peer's key, keeps the frame
+// for retransmission and sends it. A frame the carrier cannot take now
+// (no link) waits in the retransmit buffer for the next link.
+func (ch *channel) send(frame []byte, n int, flags byte) error {
+	ch.txmu.Lock()
+	defer ch.txmu.Unlock()
 	k := &ch.keys
 	k.mu.Lock()
 	if k.send == nil {
 		k.mu.Unlock()
-		return errors.New("channel keys are gone")
+		return errKeysGone
 	}
 	h := wire.DataHeader{Flags: flags, Epoch: k.epoch, Index: ch.state.remoteIndex, Counter: k.sendCtr,
 		SrcConn: ch.id, DstConn: ch.state.remoteConn}
@@ -212,20 +241,38 @@ func (ch *channel) seal(frame []byte, n int, flags byte) error {
 	nonce := wire.Nonce(h.Counter)
 	k.send.Seal(frame[wire.DataHeaderLen:wire.DataHeaderLen], nonce[:], frame[wire.DataHeaderLen:wire.DataHeaderLen+n], frame[:wire.DataHeaderLen])
 	k.mu.Unlock()
+	ch.smu.Lock()
+	ch.rtx = append(ch.rtx, rtxFrame{counter: h.Counter, frame: frame})
+	if flags&wire.FlagFin != 0 {
+		ch.finSeq, ch.finQueued = h.Counter, true
+	}
+	ch.smu.Unlock()
 	ch.a.counters.framesOut.Add(1)
-	// Frames of one channel leave in counter order: only this pump sends
-	// data for the channel, and FIN comes from it too.
-	return ch.carrier.sendData(frame)
+	ch.carrier.sendData(frame) // on failure the frame waits for a resume
+	return nil
+}
+
+// resend sends again every frame not yet acknowledged, in order.
+func (ch *channel) resend() {
+	ch.txmu.Lock()
+	defer ch.txmu.Unlock()
+	ch.smu.Lock()
+	frames := append([]rtxFrame(nil), ch.rtx...)
+	ch.smu.Unlock()
+	for _, f := range frames {
+		if ch.carrier.sendData(f.frame) != nil {
+			return // the link is gone again; the next resume sends them
+		}
+		ch.retransmits.Add(1)
+		ch.a.counters.retransmits.Add(1)
+	}
 }
 
 func (ch *channel) sendFin() {
 	if ch.finOut.Swap(true) {
 		return
 	}
-	frame := make([]byte, wire.DataHeaderLen+wire.TagLen)
-	if err := ch.seal(frame, 0, wire.FlagFin); err != nil {
-		ch.abort(wire.CodeReset, err.Error(), false)
-	}
+	ch.send(make([]byte, wire.DataHeaderLen+wire.TagLen), 0, wire.FlagFin)
 }
 
 // receive takes a data frame for ch from car; it is the data path's check
@@ -249,12 +296,12 @@ func (ch *channel) receive(car carrier, frame []byte) {
 	ch.rmu.Lock()
 	defer ch.rmu.Unlock()
 	k := &ch.keys
-	if h.Epoch != k.epoch {
-		c.badEpoch.Add(1)
+	if k.recv == nil {
+		c.unknownIndex.Add(1) // keys already dropped: the channel is ending
 		return
 	}
-	if k.recv == nil {
-		c.unknownIndex.Add(1) // keys already zeroed: the channel is ending
+	if h.Epoch != k.epoch {
+		c.badEpoch.Add(1)
 		return
 	}
 	nonce := wire.Nonce(h.Counter)
@@ -263,25 +310,40 @@ func (ch *channel) receive(car carrier, frame []byte) {
 		c.auth.Add(1)
 		return
 	}
-	if !k.window.Accept(h.Counter) {
+	// In order only: a frame before the next expected one is a copy we
+	// have (a retransmission, or a replay); one after it means frames went
+	// missing, and the sender is asked to send them again.
+	if h.Counter < ch.next || k.window.Seen(h.Counter) {
 		c.replay.Add(1)
+		ch.a.goRun(func() { ch.sendAck(false) }) // the sender may have missed our acknowledgement
+		return
+	}
+	if h.Counter > ch.next {
+		c.outOfOrder.Add(1)
+		if ch.asked != ch.next+1 {
+			ch.asked = ch.next + 1
+			ch.a.goRun(func() { ch.sendAck(true) })
+		}
 		return
 	}
 	if ch.received+uint64(len(pt)) > ch.granted {
 		c.credit.Add(1)
 		ch.a.log.Warn("peer sent past its credit; closing channel", "peer", car.name(), "conn", ch.id)
-		go ch.abort(wire.CodeProtocol, "the peer agent sent past its credit", true)
+		ch.a.goRun(func() { ch.abort(wire.CodeProtocol, "the peer agent sent past its credit", true) })
 		return
 	}
 	if ch.finIn {
 		c.malformed.Add(1)
 		return
 	}
+	k.window.Accept(h.Counter)
+	ch.next = h.Counter + 1
 	c.framesIn.Add(1)
 	ch.received += uint64(len(pt))
 	if h.Flags&wire.FlagFin != 0 {
 		ch.finIn = true
 		ch.inq = append(ch.inq, inItem{fin: true})
+		ch.a.goRun(func() { ch.sendAck(false) }) // so the peer may end its side
 	} else {
 		ch.inq = append(ch.inq, inItem{data: append([]byte(nil), pt...)})
 	}
@@ -306,7 +368,7 @@ func (ch *channel) inbound() {
 			if it.fin {
 				local.PutRecordHeader(hdr[:], local.RecFin, 0)
 				if _, err := ch.sock.Write(hdr[:]); err != nil {
-					ch.abort(wire.CodeReset, "the remote process's peer went away", true)
+					ch.abort(wire.CodeReset, "the destination process closed the channel", true)
 					return
 				}
 				ch.finDone.Store(true)
@@ -332,21 +394,47 @@ func (ch *channel) grant(n uint64) {
 	ch.rmu.Lock()
 	ch.delivered += n
 	owed := ch.delivered + uint64(ch.window) - ch.granted
-	if owed < uint64(ch.window)/4 {
+	if owed < uint64(ch.window)/4 || ch.finIn { // after its FIN the peer sends nothing more
 		ch.rmu.Unlock()
 		return
 	}
 	ch.granted += owed
 	ch.rmu.Unlock()
+	ch.sendAck(false)
+}
+
+// sendAck sends the receiving side's state: credit granted, frames had, and
+// with resend, a request to send again what follows them.
+func (ch *channel) sendAck(resend bool) {
+	ch.rmu.Lock()
+	m := &wire.Credit{Granted: ch.granted, Ack: ch.next}
+	ch.rmu.Unlock()
 	ch.mu.Lock()
-	m := &wire.Credit{Index: ch.state.remoteIndex, DstConn: ch.state.remoteConn, SrcConn: ch.id, Bytes: uint32(owed)}
+	m.Index, m.DstConn, m.SrcConn = ch.state.remoteIndex, ch.state.remoteConn, ch.id
 	ch.mu.Unlock()
+	if resend {
+		m.Flags = wire.FlagResend
+	}
 	ch.carrier.sendControl(m.Marshal())
 }
 
-// checkDone ends the channel once a FIN has gone each way.
+// resume brings the channel back after its link came back: what the peer
+// may have lost is sent again, and our receiving state is told anew.
+func (ch *channel) resume() {
+	ch.resend()
+	ch.sendAck(false)
+}
+
+// checkDone ends the channel once a FIN has gone each way and ours was
+// acknowledged.
 func (ch *channel) checkDone() {
-	if ch.finOut.Load() && ch.finDone.Load() {
+	if !ch.finDone.Load() {
+		return
+	}
+	ch.smu.Lock()
+	acked := ch.finAcked
+	ch.smu.Unlock()
+	if acked {
 		ch.end(nil, false)
 	}
 }
@@ -391,7 +479,13 @@ func (ch *channel) end(why *local.Error, tell bool) {
 		m := &wire.Close{Index: st.remoteIndex, DstConn: st.remoteConn, SrcConn: ch.id, Code: code, Reason: reason}
 		ch.carrier.sendControl(m.Marshal())
 	}
+	ch.rmu.Lock() // the receive step reads the keys under rmu
 	ch.keys.zero()
+	ch.inq = nil
+	ch.rmu.Unlock()
+	ch.smu.Lock()
+	ch.rtx = nil
+	ch.smu.Unlock()
 	close(ch.done)
 	if started {
 		ch.closeSocket(why)
@@ -403,32 +497,67 @@ func (ch *channel) end(why *local.Error, tell bool) {
 }
 
 // closeSocket tells the process why its channel ended, if it did not end
-// gracefully, and closes the socket.
+// gracefully, and closes the socket. The reason waits behind what the
+// process has not read yet, for a while: a process that reads late still
+// learns why.
 func (ch *channel) closeSocket(why *local.Error) {
-	if why != nil {
-		b, _ := json.Marshal(why)
-		rec := make([]byte, local.RecordHeaderLen+len(b))
-		local.PutRecordHeader(rec, local.RecClose, len(b))
-		copy(rec[local.RecordHeaderLen:], b)
-		ch.sock.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
-		ch.sock.Write(rec)
+	if why == nil {
+		ch.sock.Close()
+		return
 	}
-	ch.sock.Close()
+	b, _ := json.Marshal(why)
+	rec := make([]byte, local.RecordHeaderLen+len(b))
+	local.PutRecordHeader(rec, local.RecClose, len(b))
+	copy(rec[local.RecordHeaderLen:], b)
+	ch.a.goRun(func() {
+		ch.sock.SetWriteDeadline(time.Now().Add(closeRecordWait))
+		ch.sock.Write(rec)
+		ch.sock.Close()
+	})
 }
+
+// closeRecordWait bounds how long a close record waits for the process to
+// make room for it.
+const closeRecordWait = 5 * time.Second
 
 // handleClose ends a channel the peer closed.
 func (a *Agent) handleClose(car carrier, m *wire.Close) {
-	ch := a.tables.lookupIndex(m.Index)
+	var ch *channel
+	switch {
+	case m.Index != 0:
+		ch = a.tables.lookupIndex(m.Index)
+	case m.DstConn != 0:
+		ch = a.tables.lookupID(m.DstConn)
+	default:
+		ch = a.tables.lookupRemote(car.name(), m.SrcConn)
+	}
 	if ch == nil {
 		return // already gone
 	}
 	ch.mu.Lock()
 	st := ch.state
 	ch.mu.Unlock()
-	if car != ch.carrier || st.remoteConn != m.SrcConn || ch.id != m.DstConn {
+	if car != ch.carrier || st.remoteConn != m.SrcConn || (m.DstConn != 0 && ch.id != m.DstConn) {
 		a.counters.wrongIDs.Add(1)
 		a.log.Warn("channel close with ids that do not match", "peer", car.name(), "index", m.Index)
 		return
+	}
+	if m.Code == wire.CodeClosed {
+		// The peer ended the channel normally: it had all we sent. If we
+		// have all it sent too, what remains is ours to deliver.
+		ch.rmu.Lock()
+		finIn := ch.finIn
+		ch.rmu.Unlock()
+		ch.smu.Lock()
+		mine := ch.finQueued
+		if finIn && mine {
+			ch.finAcked = true
+		}
+		ch.smu.Unlock()
+		if finIn && mine {
+			ch.checkDone()
+			return
+		}
 	}
 	reason := m.Reason
 	if m.Code == wire.CodeClosed {
@@ -437,10 +566,16 @@ func (a *Agent) handleClose(car carrier, m *wire.Close) {
 	ch.end(&local.Error{Code: m.Code.String(), Message: reason, By: car.name()}, false)
 }
 
-// handleCredit adds the credit the peer granted.
+// handleCredit takes the peer's receiving state: credit, acknowledgement,
+// and perhaps a request to send again.
 func (a *Agent) handleCredit(car carrier, m *wire.Credit) {
 	ch := a.tables.lookupIndex(m.Index)
 	if ch == nil {
+		// A channel we no longer have: tell the peer, so it does not wait
+		// for it (its Close may have been lost with a link).
+		c := &wire.Close{DstConn: m.SrcConn, SrcConn: m.DstConn, Code: wire.CodeClosed, Reason: "the channel is already closed"}
+		msg := c.Marshal()
+		a.goRun(func() { car.sendControl(msg) })
 		return
 	}
 	ch.mu.Lock()
@@ -450,8 +585,24 @@ func (a *Agent) handleCredit(car carrier, m *wire.Credit) {
 		a.counters.wrongIDs.Add(1)
 		return
 	}
-	ch.credit.Add(int64(m.Bytes))
+	ch.smu.Lock()
+	if m.Granted > ch.peerGrant {
+		ch.peerGrant = m.Granted
+	}
+	i := 0
+	for i < len(ch.rtx) && ch.rtx[i].counter < m.Ack {
+		i++
+	}
+	ch.rtx = ch.rtx[i:]
+	if ch.finQueued && m.Ack > ch.finSeq {
+		ch.finAcked = true
+	}
+	ch.smu.Unlock()
 	signal(ch.creditSig)
+	if m.Flags&wire.FlagResend != 0 {
+		a.goRun(ch.resend)
+	}
+	ch.checkDone()
 }
 
 // HandleData receives a data frame from a peer link.
@@ -473,11 +624,4 @@ func (a *Agent) handleData(car carrier, frame []byte) {
 		return
 	}
 	ch.receive(car, frame)
-}
-
-func describe(e *local.Error) string {
-	if e == nil {
-		return "closed"
-	}
-	return fmt.Sprintf("%s: %s", e.Code, e.Message)
 }

@@ -246,7 +246,11 @@ func TestCloseEndsBothSidesAndZeroesKeys(t *testing.T) {
 		bytes.Equal(ka.sendKey(), ka.recvKey()) {
 		t.Fatal("keys are not receiver-chosen per direction")
 	}
+	ka.mu.Lock()
+	kb.mu.Lock()
 	slotA, slotB := ka.slot, kb.slot // the protected memory that held them
+	kb.mu.Unlock()
+	ka.mu.Unlock()
 	c.Close()
 	// The other end reads EOF: the dialer's FIN.
 	srv.SetReadDeadline(time.Now().Add(5 * time.Second))

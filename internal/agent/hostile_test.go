@@ -135,13 +135,11 @@ func dialHostile(t *testing.T, id *link.Config, a *testAgent) *hostile {
 		// tests).
 		eventually(t, 5*time.Second, "node-a dropped node-c's link and channels", func() bool {
 			a.mu.Lock()
-			for cl := range a.carriers {
-				if cl.Peer().Name == "node-c" {
-					a.mu.Unlock()
-					return false
-				}
-			}
+			up := a.peers["node-c"].link != nil
 			a.mu.Unlock()
+			if up {
+				return false
+			}
 			for _, ch := range a.tables.all() {
 				ch.mu.Lock()
 				peer := ch.state.peer
@@ -350,10 +348,11 @@ func (c *hchan) isCloseOf(b []byte) bool {
 	return err == nil && m.Index == c.open.Index && m.DstConn == c.open.Conn && m.SrcConn == c.acc.Conn
 }
 
-// credits sums the credit node-a granted on c.
+// credits returns the credit node-a granted on c beyond the window of its
+// Accept (a Credit carries the total granted).
 func (c *hchan) credits(t *testing.T) uint64 {
 	t.Helper()
-	var n uint64
+	var most uint64
 	c.h.mu.Lock()
 	defer c.h.mu.Unlock()
 	for _, b := range c.h.ctl {
@@ -369,10 +368,13 @@ func (c *hchan) credits(t *testing.T) uint64 {
 			if m.SrcConn != c.acc.Conn {
 				t.Errorf("credit names source conn %d, not node-a's %d", m.SrcConn, c.acc.Conn)
 			}
-			n += uint64(m.Bytes)
+			most = max(most, m.Granted)
 		}
 	}
-	return n
+	if most < uint64(c.acc.Window) {
+		return 0
+	}
+	return most - uint64(c.acc.Window)
 }
 
 // sink is a process listening on a service of node-a, recording every
@@ -741,24 +743,39 @@ func TestHostileDataFrames(t *testing.T) {
 	expectMsgs(t, conn, []byte("once"), []byte("after a replay"))
 	s = checkDelta(t, e.a, "replay at once", s, map[string]uint64{"data_frames_in": 2, "rejected_replay": 1})
 
+	// Frames are taken strictly in counter order: one ahead of the next
+	// expected is dropped and node-a asks for a resend from the gap; copies
+	// of frames it has are dropped as replays.
 	fa, fb := ch.frame([]byte("a")), ch.frame([]byte("b"))
-	ch.send(t, fb)
-	ch.send(t, fa) // behind, but within the window: delivered
+	ch.send(t, fb) // ahead of a: dropped, resend asked
+	ch.send(t, fa)
+	ch.send(t, fb) // sent again, as node-a asked
 	ch.send(t, fa)
 	ch.send(t, once)
 	ch.send(t, ch.frame([]byte("after replays")))
-	expectMsgs(t, conn, []byte("b"), []byte("a"), []byte("after replays"))
-	s = checkDelta(t, e.a, "reordered and replayed", s, map[string]uint64{"data_frames_in": 3, "rejected_replay": 2})
+	expectMsgs(t, conn, []byte("a"), []byte("b"), []byte("after replays"))
+	s = checkDelta(t, e.a, "reordered and replayed", s,
+		map[string]uint64{"data_frames_in": 3, "rejected_replay": 2, "rejected_out_of_order": 1})
+	eventually(t, 5*time.Second, "node-a asked for a resend from the gap", func() bool {
+		e.h.mu.Lock()
+		defer e.h.mu.Unlock()
+		for _, b := range e.h.ctl {
+			if m, err := wire.ParseCredit(b); err == nil && m.Flags&wire.FlagResend != 0 && m.Ack >= ch.ctr-3 {
+				return true
+			}
+		}
+		return false
+	})
 
+	// A sender may not skip counters: the frame after a gap waits for the
+	// frames of the gap, which a forger cannot make.
 	old := ch.ctr
-	ch.ctr = 5000 // a sender may skip counters
+	ch.ctr = 5000
 	ch.send(t, ch.frame([]byte("jump")))
-	h := ch.hdr()
-	h.Counter = old // never used, but now too far behind
-	ch.send(t, sealFrame(ch.toA, h, []byte("too old")))
-	ch.send(t, ch.frame([]byte("after too old")))
-	expectMsgs(t, conn, []byte("jump"), []byte("after too old"))
-	s = checkDelta(t, e.a, "too old", s, map[string]uint64{"data_frames_in": 2, "rejected_replay": 1})
+	ch.ctr = old
+	ch.send(t, ch.frame([]byte("no jump")))
+	expectMsgs(t, conn, []byte("no jump"))
+	s = checkDelta(t, e.a, "a skipped counter", s, map[string]uint64{"data_frames_in": 1, "rejected_out_of_order": 1})
 
 	// c. Forged and mangled frames. Each is made for the next counter and
 	// sent before a good frame with that same counter: a frame that fails
@@ -896,7 +913,7 @@ func TestHostileDataFrames(t *testing.T) {
 	// …closed again, or credited: no effect and nothing counted against
 	// a channel that is gone.
 	e.h.sendCtl(t, ch2.closeMsg(wire.CodeClosed))
-	e.h.sendCtl(t, (&wire.Credit{Index: ch2.acc.Index, DstConn: ch2.acc.Conn, SrcConn: ch2.open.Conn, Bytes: 1 << 20}).Marshal())
+	e.h.sendCtl(t, (&wire.Credit{Index: ch2.acc.Index, DstConn: ch2.acc.Conn, SrcConn: ch2.open.Conn, Granted: 1 << 40}).Marshal())
 	e.deliver(t, ch, conn, []byte("ch1 after stale control"))
 	s = checkDelta(t, e.a, "stale control", s, map[string]uint64{"data_frames_in": 1})
 
@@ -1155,7 +1172,7 @@ func TestHostileFramesForAnotherLinksChannel(t *testing.T) {
 	if err := e.h.l.SendData(sealFrame(recv, hd, []byte("in node-b's name"))); err != nil {
 		t.Fatal(err)
 	}
-	e.h.sendCtl(t, (&wire.Credit{Index: st.index, DstConn: target.id, SrcConn: st.remoteConn, Bytes: 1 << 30}).Marshal())
+	e.h.sendCtl(t, (&wire.Credit{Index: st.index, DstConn: target.id, SrcConn: st.remoteConn, Granted: 1 << 40}).Marshal())
 	e.h.sendCtl(t, (&wire.Close{Index: st.index, DstConn: target.id, SrcConn: st.remoteConn, Code: wire.CodeReset, Reason: "forged"}).Marshal())
 	e.h.sendCtl(t, (&wire.Accept{InitIndex: st.index, InitConn: target.id, Index: 7, Conn: 7, Window: 1, Key: testKey()}).Marshal())
 	e.h.sendCtl(t, (&wire.Refuse{InitIndex: st.index, InitConn: target.id, Code: wire.CodeDenied, By: "node-b", Reason: "forged"}).Marshal())
@@ -1232,7 +1249,7 @@ func TestHostileBadControlMessage(t *testing.T) {
 			m.SrcNode = "node/c"
 			return m.Marshal()
 		}()},
-		{"truncated Credit", "message truncated", (&wire.Credit{Index: 1, DstConn: 1, SrcConn: 1, Bytes: 1}).Marshal()[:10]},
+		{"truncated Credit", "message truncated", (&wire.Credit{Index: 1, DstConn: 1, SrcConn: 1, Granted: 1}).Marshal()[:10]},
 		{"unknown op", "unknown control op 99", []byte{99, 1, 2, 3}},
 	} {
 		h := e.h

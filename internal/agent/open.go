@@ -63,9 +63,8 @@ func (a *Agent) dial(p *partition, proc *procRef, sock *net.UnixConn, rd io.Read
 		if err != nil {
 			return fail(wire.CodeUnreachable, a.cfg.Node, "node %q: %v", addr.Node, err)
 		}
-		if car = a.carrierOf(l); car == nil {
-			return fail(wire.CodeUnreachable, a.cfg.Node, "node %q: the link just closed", addr.Node)
-		}
+		_ = l
+		car = pr.carrier
 	}
 	src := policy.Source{Node: a.cfg.Node, Partition: p.name, UID: proc.uid}
 	if !a.policy.Load().Allows(src, policy.Dest{Node: addr.Node, Partition: addr.Partition, Service: addr.Service}) {
@@ -117,6 +116,10 @@ func (a *Agent) dial(p *partition, proc *procRef, sock *net.UnixConn, rd io.Read
 		return ch, nil
 	case <-timer.C:
 		ch.end(&local.Error{Code: wire.CodeTimeout.String()}, true)
+		// The acceptor may have the channel (its Accept lost, or late):
+		// name it by our connection id, the one it knows.
+		c := &wire.Close{SrcConn: ch.id, Code: wire.CodeTimeout, Reason: "the dialing side gave up waiting"}
+		car.sendControl(c.Marshal())
 		return fail(wire.CodeTimeout, "", "%s did not answer within %s", addr.Node, a.cfg.Timers.Open)
 	}
 }
@@ -172,7 +175,9 @@ func (a *Agent) handleAccept(car carrier, m *wire.Accept) {
 	ch.conn.RemoteProcess = local.Proc{PID: m.DstProc.PID, UID: m.DstProc.UID, GID: m.DstProc.GID}
 	ch.mu.Unlock()
 	ch.keys.setSend(m.Key[:])
-	ch.credit.Store(int64(m.Window))
+	ch.smu.Lock()
+	ch.peerGrant = uint64(m.Window)
+	ch.smu.Unlock()
 	if !a.tables.setRemote(ch) {
 		ch.opened <- &local.Error{Code: wire.CodeExists.String(), Message: "duplicate channel ids from " + car.name()}
 		return
@@ -298,7 +303,7 @@ func (a *Agent) accept(car carrier, m *wire.Open, p *partition, l *listener) (wi
 	}
 	ch.keys.pickRecv()
 	ch.keys.setSend(m.Key[:])
-	ch.credit.Store(int64(m.Window))
+	ch.peerGrant = uint64(m.Window)
 	ch.granted = uint64(ch.window)
 	ch.conn = local.Conn{Partition: p.name, Process: l.proc.wire(), Service: l.service, RemoteNode: m.SrcNode,
 		RemotePartition: m.SrcPart, RemoteProcess: local.Proc{PID: m.SrcProc.PID, UID: m.SrcProc.UID, GID: m.SrcProc.GID},
@@ -341,8 +346,9 @@ func (a *Agent) nodeHasPartition(car carrier, partition string) bool {
 	switch c := car.(type) {
 	case *selfCarrier:
 		return a.cert.HasPartition(partition)
-	case *linkCarrier:
-		return c.l.Peer().HasPartition(partition) // the certificate the link verified
+	case *peerCarrier:
+		l := c.link()
+		return l != nil && l.Peer().HasPartition(partition) // the certificate the link verified
 	}
 	return false
 }

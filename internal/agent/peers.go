@@ -21,6 +21,9 @@ type peer struct {
 	since      time.Time
 	lastErr    string
 	changed    chan struct{} // closed and replaced at every state change
+	carrier    *peerCarrier  // carries the channels to this peer
+	instance   [link.InstanceSize]byte // of the peer's agent, as its last link said
+	grace      *time.Timer             // running while channels wait for a link
 
 	// traffic of links already closed
 	framesOut, bytesOut, framesIn, bytesIn uint64
@@ -78,8 +81,20 @@ func (a *Agent) register(l *link.Link) (reason string, ok bool) {
 		a.retire(p, cur)
 		a.goRun(func() { cur.Shutdown("replaced by a newer link") }) // it writes: not under a.mu
 	}
+	if p.grace != nil {
+		p.grace.Stop()
+		p.grace = nil
+	}
+	if p.instance != l.PeerInstance() {
+		if p.instance != ([link.InstanceSize]byte{}) {
+			// The peer restarted: the channels it held are gone with it.
+			a.goRun(func() { a.abortPeer(p, "the agent of "+p.name+" restarted and lost the channel") })
+		}
+		p.instance = l.PeerInstance()
+	} else {
+		a.goRun(func() { a.resumePeer(p) })
+	}
 	p.link = l
-	a.carriers[l] = &linkCarrier{l: l}
 	p.setState(stateUp, "")
 	a.log.Info("peer link up", "peer", p.name, "remote", l.RemoteAddr().String(), "initiator", l.Initiator(),
 		"cert_expires", l.Peer().NotAfter)
@@ -101,6 +116,7 @@ func (a *Agent) unregister(l *link.Link) {
 		msg = err.Error()
 	}
 	p.setState(stateDown, msg)
+	a.holdPeer(p, msg)
 }
 
 // retire adds a closing link's counters to its peer's totals.

@@ -119,6 +119,12 @@ func (t *tables) remove(ch *channel, st chanState) {
 	}
 }
 
+func (t *tables) lookupID(id uint64) *channel {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return t.byID[id]
+}
+
 func (t *tables) lookupIndex(idx uint32) *channel {
 	t.mu.RLock()
 	defer t.mu.RUnlock()
@@ -223,8 +229,9 @@ func (k *keyEntry) zero() {
 // counters counts what the data path rejected, by reason, and what it
 // passed. Fields are updated atomically.
 type counters struct {
-	unknownIndex, wrongIDs, badEpoch, auth, replay, credit, malformed atomic.Uint64
-	framesIn, framesOut, opensOK, opensRefused                        atomic.Uint64
+	unknownIndex, wrongIDs, badEpoch, auth, replay, outOfOrder, credit, malformed atomic.Uint64
+	framesIn, framesOut, retransmits, opensOK, opensRefused                       atomic.Uint64
+	resumes, graceExpired                                                         atomic.Uint64
 }
 
 func (c *counters) snapshot() map[string]uint64 {
@@ -234,6 +241,10 @@ func (c *counters) snapshot() map[string]uint64 {
 		"rejected_bad_epoch":     c.badEpoch.Load(),
 		"rejected_auth":          c.auth.Load(),
 		"rejected_replay":        c.replay.Load(),
+		"rejected_out_of_order":  c.outOfOrder.Load(),
+		"retransmitted_frames":   c.retransmits.Load(),
+		"channel_resumes":        c.resumes.Load(),
+		"grace_expired":          c.graceExpired.Load(),
 		"rejected_credit":        c.credit.Load(),
 		"rejected_malformed":     c.malformed.Load(),
 		"data_frames_in":         c.framesIn.Load(),

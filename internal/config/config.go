@@ -19,6 +19,7 @@
 //	dial_max = "30s"
 //	open = "5s"                      # a channel open not answered by then fails
 //	request = "5s"                   # a process must send its request within this
+//	grace = "30s"                    # channels wait this long for a broken link to return
 //
 //	[limits]
 //	pending_handshakes = 256
@@ -95,6 +96,7 @@ type Timers struct {
 	DialMax   time.Duration
 	Open      time.Duration
 	Request   time.Duration
+	Grace     time.Duration
 }
 
 // Limits bound the agent's tables and queues.
@@ -133,6 +135,7 @@ var (
 		DialMax:   30 * time.Second,
 		Open:      5 * time.Second,
 		Request:   5 * time.Second,
+		Grace:     30 * time.Second,
 	}
 	DefaultLimits = Limits{
 		PendingHandshakes:     256,
@@ -161,6 +164,7 @@ type file struct {
 		DialMax   string `toml:"dial_max"`
 		Open      string `toml:"open"`
 		Request   string `toml:"request"`
+		Grace     string `toml:"grace"`
 	} `toml:"timers"`
 	Limits struct {
 		PendingHandshakes     *int `toml:"pending_handshakes"`
@@ -334,6 +338,7 @@ func Parse(path string, data []byte) (*Config, error) {
 		{"timers.dial_max", f.Timers.DialMax, &c.Timers.DialMax},
 		{"timers.open", f.Timers.Open, &c.Timers.Open},
 		{"timers.request", f.Timers.Request, &c.Timers.Request},
+		{"timers.grace", f.Timers.Grace, &c.Timers.Grace},
 	} {
 		if d.val == "" {
 			continue

@@ -98,7 +98,7 @@ func TestParseGood(t *testing.T) {
 		}
 	}
 	wantTimers := config.Timers{Handshake: 2 * time.Second, Keepalive: time.Second, DeadAfter: 3500 * time.Millisecond,
-		DialMin: 50 * time.Millisecond, DialMax: time.Minute, Open: 750 * time.Millisecond, Request: 5 * time.Second}
+		DialMin: 50 * time.Millisecond, DialMax: time.Minute, Open: 750 * time.Millisecond, Request: 5 * time.Second, Grace: 30 * time.Second}
 	if c.Timers != wantTimers {
 		t.Errorf("Timers = %+v, want %+v", c.Timers, wantTimers)
 	}
@@ -179,7 +179,7 @@ func TestParseDefaults(t *testing.T) {
 	}
 	// The defaults are what the package documents.
 	want := config.Timers{Handshake: 5 * time.Second, Keepalive: 5 * time.Second, DeadAfter: 15 * time.Second,
-		DialMin: 200 * time.Millisecond, DialMax: 30 * time.Second, Open: 5 * time.Second, Request: 5 * time.Second}
+		DialMin: 200 * time.Millisecond, DialMax: 30 * time.Second, Open: 5 * time.Second, Request: 5 * time.Second, Grace: 30 * time.Second}
 	wantLimits := config.Limits{PendingHandshakes: 256, Channels: 16384, ChannelsPerPartition: 8192, ChannelsPerProcess: 1024,
 		ListenersPerPartition: 256, PendingRequests: 64, Window: 262144}
 	if config.DefaultTimers != want || config.DefaultLimits != wantLimits {
@@ -215,6 +215,7 @@ func TestTimersOverride(t *testing.T) {
 		{`open = "24h"`, func(t *config.Timers) { t.Open = 24 * time.Hour }},
 		{`open = "90s"`, func(t *config.Timers) { t.Open = 90 * time.Second }},
 		{`request = "250ms"`, func(t *config.Timers) { t.Request = 250 * time.Millisecond }},
+		{`grace = "2m"`, func(t *config.Timers) { t.Grace = 2 * time.Minute }},
 	} {
 		data := withTimers(tc.line)
 		c, err := config.Parse("/etc/a.toml", []byte(data))

@@ -20,13 +20,21 @@ import (
 //	          dst process: pid:4 uid:4 gid:4
 //	Refuse    op=18 initIndex:4 initConn:8 code:1 by:name reason:text
 //	Close     op=19 index:4 dstConn:8 srcConn:8 code:1 reason:text
-//	Credit    op=20 index:4 dstConn:8 srcConn:8 bytes:4
+//	Credit    op=20 index:4 dstConn:8 srcConn:8 granted:8 ack:8 flags:1
 //
 // In Open, index and conn are the initiator's receiving index and
 // connection id, and key is the key for traffic *to the initiator*, which
 // it chose. In Accept they are the acceptor's, with the key for traffic to
 // the acceptor. Close and Credit name the receiver's index and connection id
-// (dst) and the sender's connection id (src), like a data frame.
+// (dst) and the sender's connection id (src), like a data frame; a Close
+// with index 0 names the channel by the connection ids alone (the sender
+// no longer knows, or never learned, the receiver's index).
+//
+// Credit is the receiving side's whole state, not a change, so a lost one
+// costs nothing once the next arrives: granted is the total payload bytes
+// the sender may have sent, ack the counter of the next data frame expected
+// (every frame before it arrived). FlagResend asks the sender to send again
+// every frame from ack on: the receiver saw a gap.
 
 // Control ops.
 const (
@@ -109,13 +117,20 @@ type Close struct {
 	Reason  string
 }
 
-// Credit grants the receiver of this message more bytes to send.
+// Credit tells the sender of a direction what the receiver allows and has.
 type Credit struct {
 	Index   uint32
 	DstConn uint64
 	SrcConn uint64
-	Bytes   uint32
+	Granted uint64
+	Ack     uint64
+	Flags   byte
 }
+
+// Credit flags.
+const (
+	FlagResend byte = 1 << 0
+)
 
 // Code says why a channel could not open or closed.
 type Code byte
@@ -208,7 +223,7 @@ func (m *Close) Marshal() []byte {
 
 // Marshal encodes m.
 func (m *Credit) Marshal() []byte {
-	return enc(make([]byte, 0, 25)).u8(OpCredit).u32(m.Index).u64(m.DstConn).u64(m.SrcConn).u32(m.Bytes)
+	return enc(make([]byte, 0, 38)).u8(OpCredit).u32(m.Index).u64(m.DstConn).u64(m.SrcConn).u64(m.Granted).u64(m.Ack).u8(m.Flags)
 }
 
 // dec reads a message; after the first error every read returns zero.
@@ -322,6 +337,9 @@ func ParseCredit(b []byte) (*Credit, error) {
 	if err != nil {
 		return nil, err
 	}
-	m := &Credit{Index: d.u32(), DstConn: d.u64(), SrcConn: d.u64(), Bytes: d.u32()}
+	m := &Credit{Index: d.u32(), DstConn: d.u64(), SrcConn: d.u64(), Granted: d.u64(), Ack: d.u64(), Flags: d.u8()}
+	if d.err == nil && m.Flags&^FlagResend != 0 {
+		d.err = fmt.Errorf("unknown credit flags %#x", m.Flags)
+	}
 	return m, d.done(OpCredit)
 }

@@ -31,7 +31,7 @@ func TestControlRoundTrip(t *testing.T) {
 	if got, err := ParseClose(c.Marshal()); err != nil || *got != *c {
 		t.Fatalf("Close: %+v %v", got, err)
 	}
-	cr := &Credit{Index: 1, DstConn: 2, SrcConn: 3, Bytes: 4}
+	cr := &Credit{Index: 1, DstConn: 2, SrcConn: 3, Granted: 4, Ack: 5, Flags: FlagResend}
 	if got, err := ParseCredit(cr.Marshal()); err != nil || *got != *cr {
 		t.Fatalf("Credit: %+v %v", got, err)
 	}
@@ -98,7 +98,7 @@ func FuzzControl(f *testing.F) {
 	f.Add((&Accept{Index: 1}).Marshal())
 	f.Add((&Refuse{Code: CodeDenied, By: "n", Reason: "r"}).Marshal())
 	f.Add((&Close{Reason: "x"}).Marshal())
-	f.Add((&Credit{Bytes: 1}).Marshal())
+	f.Add((&Credit{Granted: 1, Ack: 2}).Marshal())
 	f.Add([]byte{OpOpen, 1})
 	f.Fuzz(func(t *testing.T, b []byte) {
 		check := func(enc []byte, err error) {
