@@ -20,8 +20,8 @@ type peer struct {
 	state      string
 	since      time.Time
 	lastErr    string
-	changed    chan struct{} // closed and replaced at every state change
-	carrier    *peerCarrier  // carries the channels to this peer
+	changed    chan struct{}           // closed and replaced at every state change
+	carrier    *peerCarrier            // carries the channels to this peer
 	instance   [link.InstanceSize]byte // of the peer's agent, as its last link said
 	grace      *time.Timer             // running while channels wait for a link
 
