@@ -34,6 +34,8 @@ commands:
   stats --admin PATH [--json]
                        an agent's data path counters (rejections by reason)
   demo                 run a local two-node cluster and show it working
+  bench [--quick] [--reps N] [--json]
+                       compare sinc with raw TCP and direct TLS on loopback
 
 Run "sinc COMMAND -h" for a command's flags.
 `
@@ -51,6 +53,9 @@ var commands = map[string]command{
 	"conns":  runConns,
 	"stats":  runStats,
 	"demo":   runDemo,
+	"bench":  runBench,
+	// bench-worker is the benchmark's server and client processes.
+	"bench-worker": runBenchWorker,
 }
 
 func main() {

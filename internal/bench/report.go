@@ -1,0 +1,307 @@
+package bench
+
+import (
+	"fmt"
+	"io"
+	"math"
+	"os"
+	"slices"
+	"strings"
+	"text/tabwriter"
+)
+
+// Metric keys.
+const (
+	mBulk    = "bulk"
+	mCPU     = "cpu_per_byte"
+	mRTT50   = "rtt_p50"
+	mRTT99   = "rtt_p99"
+	mOpens   = "opens_per_sec"
+	mSetup50 = "setup_p50"
+)
+
+func rateKey(size int, batched bool) string {
+	if batched {
+		return fmt.Sprintf("rate_%d_batched", size)
+	}
+	return fmt.Sprintf("rate_%d_one_write", size)
+}
+
+func memKey(who string, n int) string { return fmt.Sprintf("mem_%s_%d", who, n) }
+
+// Summary is a metric's values over the repetitions.
+type Summary struct {
+	N      int     `json:"n"`
+	Median float64 `json:"median"`
+	Min    float64 `json:"min"`
+	Max    float64 `json:"max"`
+}
+
+func summarize(v []float64) Summary {
+	if len(v) == 0 {
+		return Summary{}
+	}
+	s := slices.Sorted(slices.Values(v))
+	n := len(s)
+	med := s[n/2]
+	if n%2 == 0 {
+		med = (s[n/2-1] + s[n/2]) / 2
+	}
+	return Summary{N: n, Median: med, Min: s[0], Max: s[n-1]}
+}
+
+// Metric is one row of the report.
+type Metric struct {
+	Key          string `json:"key"`
+	Name         string `json:"name"`
+	Unit         string `json:"unit"`
+	HigherBetter bool   `json:"higher_better"`
+	SincOnly     bool   `json:"sinc_only,omitempty"`
+	// Samples and Summary by transport.
+	Samples map[string][]float64 `json:"samples"`
+	Summary map[string]Summary   `json:"summary"`
+	// Ratios of medians: "sinc-stream/tls" and so on.
+	Ratios map[string]float64 `json:"ratios"`
+}
+
+// Report is the result of a run.
+type Report struct {
+	Machine    string    `json:"machine"`
+	Options    Options   `json:"-"`
+	Transports []string  `json:"transports"`
+	Reps       int       `json:"reps"`
+	Metrics    []*Metric `json:"metrics"`
+	// CPU per byte of bulk by transport and process (ns/B), median over
+	// the repetitions.
+	CPUSplit   map[string]map[string]Summary `json:"cpu_split"`
+	cpuSamples map[string]map[string][]float64
+	TLSInfo    string            `json:"tls"`
+	Batched    map[string]string `json:"batched_means"`
+	OneWrite   map[string]string `json:"one_write_means"`
+	Seconds    float64           `json:"seconds"`
+}
+
+func newReport(o Options) *Report {
+	r := &Report{Machine: machine(), Options: o, Transports: o.Transports, Reps: o.Reps,
+		CPUSplit: map[string]map[string]Summary{}, cpuSamples: map[string]map[string][]float64{},
+		Batched: batchedMeaning, OneWrite: oneWriteMeaning}
+	add := func(key, name, unit string, higher, sincOnly bool) {
+		r.Metrics = append(r.Metrics, &Metric{Key: key, Name: name, Unit: unit, HigherBetter: higher, SincOnly: sincOnly,
+			Samples: map[string][]float64{}, Summary: map[string]Summary{}, Ratios: map[string]float64{}})
+	}
+	add(mBulk, fmt.Sprintf("bulk throughput (64 KiB writes, %s)", sizeName(o.BulkBytes)), "MiB/s", true, false)
+	add(mCPU, "CPU per byte, all processes of the path", "ns/B", false, false)
+	add(mRTT50, fmt.Sprintf("%d B round trip p50", o.PingSize), "µs", false, false)
+	add(mRTT99, fmt.Sprintf("%d B round trip p99", o.PingSize), "µs", false, false)
+	for _, size := range o.MsgSizes {
+		add(rateKey(size, true), fmt.Sprintf("%s messages, batched", sizeName(int64(size))), "k msg/s", true, false)
+	}
+	for _, size := range o.MsgSizes {
+		add(rateKey(size, false), fmt.Sprintf("%s messages, one write each", sizeName(int64(size))), "k msg/s", true, false)
+	}
+	add(mOpens, fmt.Sprintf("setup: open+close cycles, %d openers", o.SetupConc), "opens/s", true, false)
+	add(mSetup50, "setup latency p50, 1 opener", "µs", false, false)
+	for _, n := range o.IdleCounts {
+		add(memKey("agent", n), fmt.Sprintf("agent memory per idle channel, %d open (both agents)", n), "KiB", false, true)
+	}
+	for _, n := range o.IdleCounts {
+		add(memKey("endpoint", n), fmt.Sprintf("client+server memory per idle connection, %d open", n), "KiB", false, false)
+	}
+	return r
+}
+
+func sizeName(b int64) string {
+	switch {
+	case b >= 1<<20 && b%(1<<20) == 0:
+		return fmt.Sprintf("%d MiB", b>>20)
+	case b >= 1<<10 && b%(1<<10) == 0:
+		return fmt.Sprintf("%d KiB", b>>10)
+	}
+	return fmt.Sprintf("%d B", b)
+}
+
+func (r *Report) metric(key string) *Metric {
+	for _, m := range r.Metrics {
+		if m.Key == key {
+			return m
+		}
+	}
+	return nil
+}
+
+// Metric returns the metric of key, or nil.
+func (r *Report) Metric(key string) *Metric { return r.metric(key) }
+
+func (r *Report) add(key, tr string, v float64) {
+	if m := r.metric(key); m != nil {
+		m.Samples[tr] = append(m.Samples[tr], v)
+	}
+}
+
+func (r *Report) addCPU(tr, proc string, v float64) {
+	if r.cpuSamples[tr] == nil {
+		r.cpuSamples[tr] = map[string][]float64{}
+	}
+	r.cpuSamples[tr][proc] = append(r.cpuSamples[tr][proc], v)
+}
+
+// finish computes the summaries and the ratios.
+func (r *Report) finish() {
+	for _, m := range r.Metrics {
+		for tr, v := range m.Samples {
+			m.Summary[tr] = summarize(v)
+		}
+		for _, s := range []string{SincStream, SincMessage} {
+			for _, base := range []string{TLS, TCP} {
+				a, okA := m.Summary[s]
+				b, okB := m.Summary[base]
+				if okA && okB && b.Median != 0 {
+					m.Ratios[s+"/"+base] = a.Median / b.Median
+				}
+			}
+		}
+	}
+	for tr, procs := range r.cpuSamples {
+		r.CPUSplit[tr] = map[string]Summary{}
+		for p, v := range procs {
+			r.CPUSplit[tr][p] = summarize(v)
+		}
+	}
+}
+
+// What "batched" and "one write" mean for each transport.
+var batchedMeaning = map[string]string{
+	TCP:         "4-byte length prefix + message, packed in a 64 KiB bufio.Writer: one write(2) per 64 KiB",
+	TLS:         "as tcp, through tls.Conn: 64 KiB per Write, which TLS cuts into 16 KiB records",
+	SincStream:  "as tcp, inside the stream: 64 KiB per Conn.Write = one 64 KiB record, one writev(2)",
+	SincMessage: "one record per message (the protocol's own framing), records packed 64 KiB per write(2) on the channel socket (the Go client has no batching write)",
+}
+
+var oneWriteMeaning = map[string]string{
+	TCP:         "Write(prefix+message) per message: one write(2) each",
+	TLS:         "Write(prefix+message) per message: one TLS record, one write(2) each",
+	SincStream:  "Write(prefix+message) per message: one record, one writev(2) each",
+	SincMessage: "WriteMessage per message: one record, one writev(2) each",
+}
+
+func format(v float64) string {
+	a := math.Abs(v)
+	switch {
+	case a >= 100:
+		return fmt.Sprintf("%.0f", v)
+	case a >= 10:
+		return fmt.Sprintf("%.1f", v)
+	case a >= 1:
+		return fmt.Sprintf("%.2f", v)
+	}
+	return fmt.Sprintf("%.3f", v)
+}
+
+func cell(s Summary) string {
+	if s.N == 0 {
+		return "—"
+	}
+	if s.N == 1 {
+		return format(s.Median)
+	}
+	return fmt.Sprintf("%s (%s–%s)", format(s.Median), format(s.Min), format(s.Max))
+}
+
+// Format writes the report as tables.
+func (r *Report) Format(w io.Writer) {
+	fmt.Fprintf(w, "sinc bench: %s; %d repetitions, interleaved; loopback, every transport in its own processes\n", r.Machine, r.Reps)
+	fmt.Fprintf(w, "cells: median (min–max) over the repetitions; ratios: sinc ÷ other, of the medians.\n")
+	fmt.Fprintf(w, "▲ higher is better (throughput, rates: a ratio above 1 means sinc is faster); ▼ lower is better (times, CPU, memory: a ratio below 1 means sinc is cheaper).\n\n")
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	head := []string{"metric", "unit", ""}
+	head = append(head, r.Transports...)
+	var ratioCols []string
+	for _, s := range []string{SincStream, SincMessage} {
+		if !slices.Contains(r.Transports, s) {
+			continue
+		}
+		for _, base := range []string{TLS, TCP} {
+			if slices.Contains(r.Transports, base) {
+				ratioCols = append(ratioCols, s+"/"+base)
+			}
+		}
+	}
+	for _, c := range ratioCols {
+		head = append(head, strings.NewReplacer("sinc-stream", "stream", "sinc-message", "message", "tls", "TLS", "tcp", "TCP").Replace(c))
+	}
+	fmt.Fprintln(tw, strings.Join(head, "\t"))
+	for _, m := range r.Metrics {
+		dir := "▼"
+		if m.HigherBetter {
+			dir = "▲"
+		}
+		row := []string{m.Name, m.Unit, dir}
+		for _, tr := range r.Transports {
+			row = append(row, cell(m.Summary[tr]))
+		}
+		for _, c := range ratioCols {
+			if v, ok := m.Ratios[c]; ok {
+				row = append(row, fmt.Sprintf("%.2f×", v))
+			} else {
+				row = append(row, "—")
+			}
+		}
+		fmt.Fprintln(tw, strings.Join(row, "\t"))
+	}
+	tw.Flush()
+
+	fmt.Fprintf(w, "\nCPU per byte of the bulk transfer, by process (ns/B, median):\n")
+	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	procs := []string{"client", "server", "agent-a", "agent-b"}
+	fmt.Fprintln(tw, "transport\t"+strings.Join(procs, "\t")+"\ttotal")
+	for _, tr := range r.Transports {
+		split := r.CPUSplit[tr]
+		if split == nil {
+			continue
+		}
+		row := []string{tr}
+		var total float64
+		for _, p := range procs {
+			if s, ok := split[p]; ok {
+				row = append(row, format(s.Median))
+				total += s.Median
+			} else {
+				row = append(row, "—")
+			}
+		}
+		row = append(row, format(total))
+		fmt.Fprintln(tw, strings.Join(row, "\t"))
+	}
+	tw.Flush()
+
+	fmt.Fprintf(w, "\nbatched sender:\n")
+	for _, tr := range r.Transports {
+		fmt.Fprintf(w, "  %-12s %s\n", tr, r.Batched[tr])
+	}
+	fmt.Fprintf(w, "one write per message:\n")
+	for _, tr := range r.Transports {
+		fmt.Fprintf(w, "  %-12s %s\n", tr, r.OneWrite[tr])
+	}
+	fmt.Fprintf(w, "receivers: tcp, tls, sinc-stream parse the prefixes from a 64 KiB bufio.Reader; sinc-message reads one message per Read.\n")
+	if r.TLSInfo != "" {
+		fmt.Fprintf(w, "tls: %s\n", r.TLSInfo)
+	}
+	fmt.Fprintf(w, "sinc: two `sinc agent` processes (node-a ↔ node-b, one Noise link), default window, timers and checks; limits raised for 10,000 channels per process.\n")
+	fmt.Fprintf(w, "setup: tcp = connect+close; tls = connect+full handshake+close; sinc = channel open through both agents (policy checked by each)+close.\n")
+	fmt.Fprintf(w, "memory: growth of VmRSS from before the opens, fresh processes for each measurement; CPU: run time of every thread (/proc/PID/task/*/schedstat).\n")
+	fmt.Fprintf(w, "run took %.0f s\n", r.Seconds)
+}
+
+// cpuModel is the CPU's model name, if /proc/cpuinfo says.
+func cpuModel() string {
+	b, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		return ""
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "model name" {
+			return strings.TrimSpace(v)
+		}
+	}
+	return ""
+}

@@ -1,0 +1,262 @@
+// Package bench is sinc's side-by-side benchmark (`sinc bench`, and the
+// same code under `go test -bench`): raw TCP, Go crypto/tls 1.3 directly
+// between two processes, a sinc stream channel and a sinc message channel,
+// each as separate OS processes on loopback (a server worker and a client
+// worker, and for sinc two real `sinc agent` processes between them),
+// measured in one run, interleaved: every repetition runs every transport
+// in turn.
+package bench
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"runtime"
+	"slices"
+	"time"
+)
+
+// Options sizes a run. DefaultOptions gives the full run and the quick
+// one.
+type Options struct {
+	Bin        string   // the sinc binary
+	Transports []string // nil: all
+	Reps       int      // repetitions of every measurement
+
+	BulkBytes int64 // per bulk transfer (64 KiB writes)
+	PingPongs int   // round trips per repetition
+	PingSize  int   // bytes per ping
+	MsgSizes  []int // message sizes of the message rate
+	// MsgBatched and MsgPerWrite: messages per measurement, by size.
+	MsgBatched  map[int]int
+	MsgPerWrite map[int]int
+	SetupCycles int // open+close cycles for the rate, from SetupConc openers
+	SetupConc   int
+	SetupLat    int // open+close cycles for the latency, from one opener
+	// MaxTime bounds each round-trip, message-rate and setup measurement:
+	// a slow transport does fewer in that time (rates and percentiles stay
+	// comparable). 0: only the counts bound them.
+	MaxTime time.Duration
+	// IdleCounts: idle channels held at the memory measurements, ascending;
+	// IdleReps of the repetitions measure memory (each with fresh
+	// processes).
+	IdleCounts []int
+	IdleReps   int
+	IdleConc   int
+	// IdleSettle: how long the processes are left alone after the opens
+	// before their memory is read (default 300 ms).
+	IdleSettle time.Duration
+
+	Dir        string    // parent of temporary folders ("" for the system's)
+	ProfileDir string    // CPU profiles of the workers, if set
+	Keep       bool      // keep the temporary folders
+	Log        io.Writer // progress; nil for none
+
+	start time.Time
+}
+
+// DefaultOptions are the sizes of `sinc bench` (quick: `sinc bench
+// --quick`).
+func DefaultOptions(quick bool) Options {
+	if quick {
+		return Options{
+			Reps: 3, BulkBytes: 32 << 20, PingPongs: 5000, PingSize: 64, MsgSizes: []int{64, 1024},
+			MsgBatched: map[int]int{64: 100_000, 1024: 40_000}, MsgPerWrite: map[int]int{64: 10_000, 1024: 10_000},
+			SetupCycles: 1000, SetupConc: 16, SetupLat: 300, MaxTime: 500 * time.Millisecond,
+			IdleCounts: []int{1000, 10000}, IdleReps: 1, IdleConc: 16,
+		}
+	}
+	return Options{
+		Reps: 5, BulkBytes: 256 << 20, PingPongs: 20_000, PingSize: 64, MsgSizes: []int{64, 1024},
+		MsgBatched: map[int]int{64: 500_000, 1024: 200_000}, MsgPerWrite: map[int]int{64: 50_000, 1024: 50_000},
+		SetupCycles: 4000, SetupConc: 16, SetupLat: 1000, MaxTime: 2 * time.Second,
+		IdleCounts: []int{1000, 10000}, IdleReps: 2, IdleConc: 16,
+	}
+}
+
+func (o *Options) check() error {
+	if o.Bin == "" {
+		return errors.New("bench: no sinc binary")
+	}
+	if o.Transports == nil {
+		o.Transports = Transports
+	}
+	for _, tr := range o.Transports {
+		if !validTransport(tr) {
+			return fmt.Errorf("bench: unknown transport %q", tr)
+		}
+	}
+	if o.Reps < 1 || o.Reps > 100 {
+		return fmt.Errorf("bench: repetitions %d outside 1..100", o.Reps)
+	}
+	if o.BulkBytes < chunk || o.PingPongs < 1 || o.PingSize < 1 || o.PingSize > maxPingSize ||
+		o.SetupCycles < 1 || o.SetupConc < 1 || o.SetupLat < 1 || o.IdleConc < 1 {
+		return fmt.Errorf("bench: bad sizes %+v", *o)
+	}
+	for _, s := range o.MsgSizes {
+		if s < 0 || s > 64<<10 || o.MsgBatched[s] < 1 || o.MsgPerWrite[s] < 1 {
+			return fmt.Errorf("bench: message size %d needs counts (batched %d, one write %d)", s, o.MsgBatched[s], o.MsgPerWrite[s])
+		}
+	}
+	if !slices.IsSorted(o.IdleCounts) || len(o.IdleCounts) > 0 && o.IdleCounts[0] < 1 || o.IdleCounts[len(o.IdleCounts)-1] > 15000 {
+		return fmt.Errorf("bench: idle counts %v: ascending, 1..15000", o.IdleCounts)
+	}
+	o.IdleReps = min(o.IdleReps, o.Reps)
+	if o.IdleSettle <= 0 {
+		o.IdleSettle = 300 * time.Millisecond
+	}
+	return nil
+}
+
+func (o *Options) logf(format string, a ...any) {
+	if o.Log != nil {
+		fmt.Fprintf(o.Log, "%6.1fs "+format+"\n", append([]any{time.Since(o.start).Seconds()}, a...)...)
+	}
+}
+
+// Run runs every measurement of opts and returns the report.
+func Run(ctx context.Context, opts Options) (*Report, error) {
+	if err := opts.check(); err != nil {
+		return nil, err
+	}
+	start := time.Now()
+	opts.start = start
+	r := newReport(opts)
+	opts.logf("starting agents and workers (%v)", opts.Transports)
+	env, err := StartEnv(ctx, EnvConfig{Bin: opts.Bin, Transports: opts.Transports, Dir: opts.Dir,
+		ProfileDir: opts.ProfileDir, Keep: opts.Keep})
+	if err != nil {
+		return nil, err
+	}
+	defer env.Close()
+	r.TLSInfo = env.TLSInfo
+	if opts.Keep {
+		opts.logf("folder kept: %s", env.Dir)
+	}
+
+	// Warm up every path once (buffers, the agents' link, caches): not
+	// recorded.
+	for _, tr := range opts.Transports {
+		if _, err := env.Bulk(ctx, tr, min(opts.BulkBytes, 8<<20)); err != nil {
+			return nil, err
+		}
+		if _, err := env.PingPong(ctx, tr, min(opts.PingPongs, 500), opts.PingSize, opts.MaxTime); err != nil {
+			return nil, err
+		}
+		if _, err := env.Setup(ctx, tr, min(opts.SetupCycles, 100), min(opts.SetupConc, 4), opts.MaxTime); err != nil {
+			return nil, err
+		}
+	}
+
+	for rep := range opts.Reps {
+		// Each repetition starts with another transport, so none is
+		// always first after a pause or always last.
+		order := rotate(opts.Transports, rep)
+		opts.logf("repetition %d/%d (order %v)", rep+1, opts.Reps, order)
+		for _, tr := range order {
+			b, err := env.Bulk(ctx, tr, opts.BulkBytes)
+			if err != nil {
+				return nil, err
+			}
+			r.add(mBulk, tr, b.MiBps())
+			r.add(mCPU, tr, b.CPUPerByte())
+			for p, s := range b.CPU {
+				r.addCPU(tr, p, s*1e9/float64(b.Bytes))
+			}
+			opts.logf("  %-12s bulk %8.0f MiB/s  %.2f ns/B CPU", tr, b.MiBps(), b.CPUPerByte())
+		}
+		for _, tr := range order {
+			l, err := env.PingPong(ctx, tr, opts.PingPongs, opts.PingSize, opts.MaxTime)
+			if err != nil {
+				return nil, err
+			}
+			r.add(mRTT50, tr, us(l.P50))
+			r.add(mRTT99, tr, us(l.P99))
+			opts.logf("  %-12s round trip p50 %.1f µs p99 %.1f µs", tr, us(l.P50), us(l.P99))
+		}
+		for _, size := range opts.MsgSizes {
+			for _, batched := range []bool{true, false} {
+				n := opts.MsgPerWrite[size]
+				if batched {
+					n = opts.MsgBatched[size]
+				}
+				for _, tr := range order {
+					m, err := env.MsgRate(ctx, tr, size, n, batched, opts.MaxTime)
+					if err != nil {
+						return nil, err
+					}
+					r.add(rateKey(size, batched), tr, m.PerSec()/1e3)
+					opts.logf("  %-12s %5d B %-9s %8.0f k msg/s", tr, size, map[bool]string{true: "batched", false: "one write"}[batched], m.PerSec()/1e3)
+				}
+			}
+		}
+		for _, tr := range order {
+			l, err := env.Setup(ctx, tr, opts.SetupLat, 1, opts.MaxTime/2)
+			if err != nil {
+				return nil, err
+			}
+			r.add(mSetup50, tr, us(l.P50))
+			s, err := env.Setup(ctx, tr, opts.SetupCycles, opts.SetupConc, opts.MaxTime)
+			if err != nil {
+				return nil, err
+			}
+			r.add(mOpens, tr, s.PerSec())
+			opts.logf("  %-12s setup p50 %.1f µs (1 opener), %.0f opens/s (%d openers)", tr, us(l.P50), s.PerSec(), opts.SetupConc)
+		}
+		if rep < opts.IdleReps && len(opts.IdleCounts) > 0 {
+			for _, tr := range order {
+				if err := idleMemory(ctx, &opts, r, tr); err != nil {
+					return nil, err
+				}
+			}
+		}
+	}
+	if err := env.Close(); err != nil {
+		return nil, err
+	}
+	r.Seconds = time.Since(start).Seconds()
+	r.finish()
+	return r, nil
+}
+
+// idleMemory measures idle connections' memory with fresh processes.
+func idleMemory(ctx context.Context, opts *Options, r *Report, tr string) error {
+	env, err := StartEnv(ctx, EnvConfig{Bin: opts.Bin, Transports: []string{tr}, Dir: opts.Dir, Keep: opts.Keep})
+	if err != nil {
+		return err
+	}
+	defer env.Close()
+	res, err := env.Idle(ctx, tr, opts.IdleCounts, opts.IdleConc, opts.IdleSettle)
+	if err != nil {
+		return err
+	}
+	for i, n := range res.Counts {
+		if i < len(res.AgentBytes) {
+			r.add(memKey("agent", n), tr, res.AgentBytes[i]/1024)
+		}
+		r.add(memKey("endpoint", n), tr, res.EndpointBytes[i]/1024)
+		agent := "-"
+		if i < len(res.AgentBytes) {
+			agent = fmt.Sprintf("%.1f KiB", res.AgentBytes[i]/1024)
+		}
+		opts.logf("  %-12s %6d idle: agents %s, client+server %.1f KiB per connection", tr, n, agent, res.EndpointBytes[i]/1024)
+	}
+	return env.Close()
+}
+
+func rotate(s []string, k int) []string {
+	k %= len(s)
+	return append(slices.Clone(s[k:]), s[:k]...)
+}
+
+func us(d time.Duration) float64 { return float64(d) / 1e3 }
+
+// machine describes where a run happened.
+func machine() string {
+	m := fmt.Sprintf("%s/%s, %d CPUs", runtime.GOOS, runtime.GOARCH, runtime.NumCPU())
+	if c := cpuModel(); c != "" {
+		m += " (" + c + ")"
+	}
+	return m + ", " + runtime.Version()
+}
