@@ -28,6 +28,12 @@ type NodeSpec struct {
 	Extra string
 	// PartitionExtra is TOML added to a partition's table (mode, owner…).
 	PartitionExtra map[string]string
+	// Listen, if set, is the node's peer address (host:port) instead of a
+	// free loopback port: an address inside a network namespace, say.
+	Listen string
+	// Exec, if set, prefixes the agent's command line, e.g.
+	// ip netns exec NAME (which replaces itself with the agent).
+	Exec []string
 }
 
 // Timers overrides the agents' timers (empty fields keep the defaults).
@@ -71,11 +77,13 @@ func Make(dir string, specs []NodeSpec, timers Timers) (*Cluster, error) {
 		if _, err := cert.SignNode(c.CADir, n.Dir, cert.NodeRequest{Node: s.Name, Partitions: s.Partitions, ValidFor: 24 * time.Hour}, now); err != nil {
 			return nil, err
 		}
-		port, err := FreePort()
-		if err != nil {
-			return nil, err
+		if n.Listen = s.Listen; n.Listen == "" {
+			port, err := FreePort()
+			if err != nil {
+				return nil, err
+			}
+			n.Listen = fmt.Sprintf("127.0.0.1:%d", port)
 		}
-		n.Listen = fmt.Sprintf("127.0.0.1:%d", port)
 		n.Admin = filepath.Join(n.Dir, "run", "admin.sock")
 		for _, p := range s.Partitions {
 			n.Partitions[p] = filepath.Join(n.Dir, "part", p+".sock")
@@ -155,7 +163,8 @@ func StartWith(bin string, n *Node, env []string, args ...string) (*Process, err
 		return nil, err
 	}
 	defer f.Close()
-	cmd := exec.Command(bin, append([]string{"agent", "--config", n.Config}, args...)...)
+	argv := append(append(append([]string{}, n.Spec.Exec...), bin, "agent", "--config", n.Config), args...)
+	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Env = append(os.Environ(), env...)
 	cmd.Stdout, cmd.Stderr = f, f
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
