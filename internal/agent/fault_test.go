@@ -7,6 +7,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -255,4 +256,59 @@ func containsAll(s string, parts ...string) bool {
 		}
 	}
 	return true
+}
+
+// TestStalledReaderSlowdown: a channel whose reader has stalled does not
+// slow a busy channel on the same link by more than a factor of 2 (medians
+// of three runs each).
+func TestStalledReaderSlowdown(t *testing.T) {
+	p := startPair(t, channelSpecs)
+	echo(t, p.listen(t, "node-b", "db", "echo"))
+	l := p.listen(t, "node-b", "db", "stall")
+	var held []*sinc.Conn
+	var hmu sync.Mutex
+	go func() {
+		for {
+			c, err := l.AcceptSinc()
+			if err != nil {
+				return
+			}
+			hmu.Lock()
+			held = append(held, c) // never read
+			hmu.Unlock()
+		}
+	}()
+	defer func() {
+		hmu.Lock()
+		for _, c := range held {
+			c.Close()
+		}
+		hmu.Unlock()
+	}()
+	busy := func() time.Duration {
+		c := p.mustDial(t, "node-a", "web", "node-b/db/echo", sinc.Stream)
+		data := random(t, 4<<20)
+		start := time.Now()
+		mustEqual(t, "busy channel", roundTrip(t, c, data), data)
+		return time.Since(start)
+	}
+	median := func(f func() time.Duration) time.Duration {
+		d := []time.Duration{f(), f(), f()}
+		slices.Sort(d)
+		return d[1]
+	}
+	alone := median(busy)
+	// A stalled channel, filled to its window, beside the busy one.
+	s := p.mustDial(t, "node-a", "web", "node-b/db/stall", sinc.Stream)
+	s.SetWriteDeadline(time.Now().Add(time.Second))
+	for {
+		if _, err := s.Write(make([]byte, 64<<10)); err != nil {
+			break
+		}
+	}
+	beside := median(busy)
+	t.Logf("4 MiB echo: %s alone, %s beside a stalled channel (%.2f×)", alone, beside, float64(beside)/float64(alone))
+	if beside > 2*alone {
+		t.Fatalf("a stalled channel slowed its neighbour %.2f× (%s → %s), more than 2×", float64(beside)/float64(alone), alone, beside)
+	}
 }
