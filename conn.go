@@ -145,12 +145,28 @@ func (c *Conn) readMessage(p []byte) (int, error) {
 
 // ReadMessage reads one message of a message channel.
 func (c *Conn) ReadMessage() ([]byte, error) {
-	buf := make([]byte, MaxMessage)
-	n, err := c.Read(buf)
-	if err != nil {
-		return nil, err
+	c.rmu.Lock()
+	defer c.rmu.Unlock()
+	if c.kind != Message {
+		return nil, c.opErr("read", errors.New("ReadMessage on a stream channel"))
 	}
-	return buf[:n:n], nil
+	if c.rerr != nil {
+		return nil, c.rerr
+	}
+	n, err := c.nextRecord()
+	if err != nil {
+		if ne, ok := err.(net.Error); ok && ne.Timeout() {
+			return nil, c.opErr("read", err)
+		}
+		c.rerr = c.wrapEnd("read", err)
+		return nil, c.rerr
+	}
+	m := make([]byte, n)
+	if _, err := io.ReadFull(c.br, m); err != nil {
+		c.rerr = c.opErr("read", err)
+		return nil, c.rerr
+	}
+	return m, nil
 }
 
 func (c *Conn) opErr(op string, err error) error {

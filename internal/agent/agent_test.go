@@ -93,7 +93,7 @@ func testCluster(t *testing.T, names ...string) *cluster.Cluster {
 
 // shortTempDir returns a temporary folder with a short path: Unix socket
 // paths are limited to 108 bytes.
-func shortTempDir(t *testing.T) string {
+func shortTempDir(t testing.TB) string {
 	d, err := os.MkdirTemp("", "sinc")
 	if err != nil {
 		t.Fatal(err)
@@ -102,7 +102,7 @@ func shortTempDir(t *testing.T) string {
 	return d
 }
 
-func startAgent(t *testing.T, n *cluster.Node, edit func(*config.Config)) *testAgent {
+func startAgent(t testing.TB, n *cluster.Node, edit func(*config.Config)) *testAgent {
 	t.Helper()
 	cfg, err := config.Load(n.Config)
 	if err != nil {
@@ -136,7 +136,7 @@ func startAgent(t *testing.T, n *cluster.Node, edit func(*config.Config)) *testA
 	return ta
 }
 
-func (ta *testAgent) stop(t *testing.T) {
+func (ta *testAgent) stop(t testing.TB) {
 	ta.cancel()
 	select {
 	case err := <-ta.done:
@@ -152,7 +152,7 @@ func (ta *testAgent) stop(t *testing.T) {
 	}
 }
 
-func waitUp(t *testing.T, a *testAgent, peer string) *admin.PeerRow {
+func waitUp(t testing.TB, a *testAgent, peer string) *admin.PeerRow {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()

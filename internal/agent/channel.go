@@ -1,6 +1,8 @@
 package agent
 
 import (
+	"bufio"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"io"
@@ -149,11 +151,23 @@ func signal(c chan struct{}) {
 	}
 }
 
-// outbound moves the process's records to the peer.
+// Outbound framing.
+const (
+	// outboundBuffer is what the outbound pump reads from a process at
+	// once: many small records per read, and no more held per channel.
+	outboundBuffer = 4 << 10
+	// packDirect is the record size from which the pump reads a record
+	// straight into its frame instead of packing records together.
+	packDirect = 8 << 10
+)
+
+// outbound moves the process's records to the peer. Records that arrive
+// together are packed into one frame, sealed once, as far as credit allows.
 func (ch *channel) outbound() {
 	var hdr [local.RecordHeaderLen]byte
+	br := bufio.NewReaderSize(ch.rd, outboundBuffer)
 	for {
-		if _, err := io.ReadFull(ch.rd, hdr[:]); err != nil {
+		if _, err := io.ReadFull(br, hdr[:]); err != nil {
 			if err == io.EOF { // at a record boundary: the process closed
 				ch.sendFin()
 				ch.checkDone()
@@ -182,24 +196,115 @@ func (ch *channel) outbound() {
 			if n == 0 && ch.kind == wire.Stream {
 				continue
 			}
-			if !ch.waitCredit(n) {
+			frame, recs, err := ch.pack(br, n)
+			if err != nil {
+				if !errors.Is(err, errEnded) {
+					ch.abort(wire.CodeReset, "the local process broke off a record", true)
+				}
 				return
 			}
-			frame := make([]byte, wire.DataHeaderLen+n+wire.TagLen)
-			if _, err := io.ReadFull(ch.rd, frame[wire.DataHeaderLen:wire.DataHeaderLen+n]); err != nil {
-				ch.abort(wire.CodeReset, "the local process broke off a record", true)
-				return
-			}
-			if err := ch.send(frame, n, 0); err != nil {
+			if err := ch.send(frame, len(frame)-wire.DataHeaderLen-wire.TagLen, 0); err != nil {
 				return // the channel ended
 			}
-			ch.bytesOut.Add(uint64(n))
-			ch.recsOut.Add(1)
+			ch.recsOut.Add(uint64(recs))
 		}
 		if ch.ended.Load() {
 			return
 		}
 	}
+}
+
+var errEnded = errors.New("channel ended")
+
+// pack reads a data record of n bytes whose header was read, and the data
+// records already buffered behind it while they fit one frame and the
+// credit allows, and returns a frame (its header not yet filled) holding
+// them, with the number of records.
+func (ch *channel) pack(br *bufio.Reader, n int) ([]byte, int, error) {
+	prefix := 0
+	if ch.kind == wire.Message {
+		prefix = wire.MessageLenSize
+	}
+	if !ch.waitCredit(prefix + n) {
+		return nil, 0, errEnded
+	}
+	if n >= packDirect { // big: straight into the frame
+		frame := make([]byte, wire.DataHeaderLen+prefix+n+wire.TagLen)
+		p := frame[wire.DataHeaderLen : wire.DataHeaderLen+prefix+n]
+		if prefix > 0 {
+			binary.BigEndian.PutUint32(p, uint32(n))
+		}
+		if _, err := io.ReadFull(br, p[prefix:]); err != nil {
+			return nil, 0, err
+		}
+		ch.bytesOut.Add(uint64(n))
+		return frame, 1, nil
+	}
+	buf := getPackBuf()
+	defer putPackBuf(buf)
+	p := buf[:0]
+	recs := 0
+	for {
+		if prefix > 0 {
+			p = binary.BigEndian.AppendUint32(p, uint32(n))
+		}
+		start := len(p)
+		p = p[:start+n]
+		if _, err := io.ReadFull(br, p[start:]); err != nil {
+			return nil, 0, err
+		}
+		recs++
+		ch.bytesOut.Add(uint64(n))
+		// The next record, if it is here whole, fits, and has credit.
+		if br.Buffered() < local.RecordHeaderLen {
+			break
+		}
+		h, _ := br.Peek(local.RecordHeaderLen)
+		typ, n2, err := local.ParseRecordHeader(h)
+		if err != nil || typ != local.RecData || (n2 == 0 && prefix == 0) ||
+			br.Buffered() < local.RecordHeaderLen+n2 || len(p)+prefix+n2 > packTarget ||
+			!ch.tryCredit(prefix+n2) {
+			break
+		}
+		br.Discard(local.RecordHeaderLen)
+		n = n2
+	}
+	frame := make([]byte, wire.DataHeaderLen+len(p)+wire.TagLen)
+	copy(frame[wire.DataHeaderLen:], p)
+	return frame, recs, nil
+}
+
+// packTarget is the payload size at which packing stops.
+const packTarget = 64 << 10
+
+// packBufs is a bounded free list of packing buffers.
+var packBufs = make(chan []byte, 64)
+
+func getPackBuf() []byte {
+	select {
+	case b := <-packBufs:
+		return b
+	default:
+		return make([]byte, wire.MaxPayload)
+	}
+}
+
+func putPackBuf(b []byte) {
+	select {
+	case packBufs <- b:
+	default:
+	}
+}
+
+// tryCredit takes n bytes of credit if the peer granted them already.
+func (ch *channel) tryCredit(n int) bool {
+	ch.smu.Lock()
+	defer ch.smu.Unlock()
+	if ch.peerGrant-ch.sent < uint64(n) {
+		return false
+	}
+	ch.sent += uint64(n)
+	return true
 }
 
 // waitCredit takes n bytes of credit, waiting for the peer to grant them.
@@ -332,7 +437,7 @@ func (ch *channel) receive(car carrier, frame []byte) {
 		ch.a.goRun(func() { ch.abort(wire.CodeProtocol, "the peer agent sent past its credit", true) })
 		return
 	}
-	if ch.finIn {
+	if ch.finIn || (ch.kind == wire.Message && !wire.SplitMessages(pt, local.MaxMessage, nil)) {
 		c.malformed.Add(1)
 		return
 	}
@@ -350,10 +455,11 @@ func (ch *channel) receive(car carrier, frame []byte) {
 	signal(ch.inqSig)
 }
 
-// inbound writes what arrived to the process and grants credit back.
+// inbound writes what arrived to the process, as many records as are
+// waiting in one write, and grants credit back.
 func (ch *channel) inbound() {
-	var hdr [local.RecordHeaderLen]byte
-	bufs := make(net.Buffers, 0, 2)
+	var bufs net.Buffers
+	var hdrs []byte
 	for {
 		select {
 		case <-ch.inqSig:
@@ -364,26 +470,60 @@ func (ch *channel) inbound() {
 		items := ch.inq
 		ch.inq = nil
 		ch.rmu.Unlock()
+		bufs, hdrs = bufs[:0], hdrs[:0]
+		var payload, recs, data uint64
+		fin := false
+		record := func(typ byte, b []byte) {
+			hdrs = append(hdrs, 0, 0, 0, 0)
+			h := hdrs[len(hdrs)-local.RecordHeaderLen:]
+			local.PutRecordHeader(h, typ, len(b))
+			bufs = append(bufs, h)
+			if len(b) > 0 {
+				bufs = append(bufs, b)
+			}
+		}
+		// hdrs must not move while bufs points into it.
+		need := 0
+		for _, it := range items {
+			need += local.RecordHeaderLen
+			if ch.kind == wire.Message {
+				need += local.RecordHeaderLen * (len(it.data) / wire.MessageLenSize)
+			}
+		}
+		if cap(hdrs) < need {
+			hdrs = make([]byte, 0, need)
+		}
 		for _, it := range items {
 			if it.fin {
-				local.PutRecordHeader(hdr[:], local.RecFin, 0)
-				if _, err := ch.sock.Write(hdr[:]); err != nil {
-					ch.abort(wire.CodeReset, "the destination process closed the channel", true)
-					return
-				}
-				ch.finDone.Store(true)
-				ch.checkDone()
+				record(local.RecFin, nil)
+				fin = true
 				continue
 			}
-			local.PutRecordHeader(hdr[:], local.RecData, len(it.data))
-			bufs = append(bufs[:0], hdr[:], it.data)
-			if _, err := bufs.WriteTo(ch.sock); err != nil {
-				ch.abort(wire.CodeReset, "the destination process closed the channel", true)
-				return
+			payload += uint64(len(it.data))
+			if ch.kind == wire.Message {
+				wire.SplitMessages(it.data, local.MaxMessage, func(m []byte) {
+					record(local.RecData, m)
+					recs++
+					data += uint64(len(m))
+				})
+			} else {
+				record(local.RecData, it.data)
+				recs++
+				data += uint64(len(it.data))
 			}
-			ch.bytesIn.Add(uint64(len(it.data)))
-			ch.recsIn.Add(1)
-			ch.grant(uint64(len(it.data)))
+		}
+		if _, err := bufs.WriteTo(ch.sock); err != nil {
+			ch.abort(wire.CodeReset, "the destination process closed the channel", true)
+			return
+		}
+		ch.bytesIn.Add(data)
+		ch.recsIn.Add(recs)
+		if payload > 0 {
+			ch.grant(payload)
+		}
+		if fin {
+			ch.finDone.Store(true)
+			ch.checkDone()
 		}
 	}
 }

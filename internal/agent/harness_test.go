@@ -53,7 +53,7 @@ type pair struct {
 	a, b *testAgent
 }
 
-func startPair(t *testing.T, specs []cluster.NodeSpec) *pair {
+func startPair(t testing.TB, specs []cluster.NodeSpec) *pair {
 	t.Helper()
 	c, err := cluster.Make(shortTempDir(t), specs, fastTimers)
 	if err != nil {
@@ -68,7 +68,7 @@ func startPair(t *testing.T, specs []cluster.NodeSpec) *pair {
 // sock returns the socket of node/partition.
 func (p *pair) sock(node, part string) string { return p.c.Nodes[node].Partitions[part] }
 
-func ctxT(t *testing.T) context.Context {
+func ctxT(t testing.TB) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	t.Cleanup(cancel)
 	return ctx

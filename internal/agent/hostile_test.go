@@ -316,6 +316,20 @@ func testGCM(k []byte) cipher.AEAD {
 
 // sealFrame lays out and seals a data frame as an agent does.
 func sealFrame(aead cipher.AEAD, h wire.DataHeader, payload []byte) []byte {
+	if payload != nil {
+		payload = asMessage(payload)
+	}
+	return sealRaw(aead, h, payload)
+}
+
+// asMessage is payload as one message of a message channel's frame: its
+// length, then its bytes.
+func asMessage(payload []byte) []byte {
+	return append(binary.BigEndian.AppendUint32(nil, uint32(len(payload))), payload...)
+}
+
+// sealRaw seals a frame payload as it is.
+func sealRaw(aead cipher.AEAD, h wire.DataHeader, payload []byte) []byte {
 	f := make([]byte, wire.DataHeaderLen+len(payload)+wire.TagLen)
 	h.Put(f, len(payload))
 	nonce := wire.Nonce(h.Counter)
@@ -325,7 +339,7 @@ func sealFrame(aead cipher.AEAD, h wire.DataHeader, payload []byte) []byte {
 
 // frame returns a correctly sealed frame with the next counter.
 func (c *hchan) frame(payload []byte) []byte {
-	f := sealFrame(c.toA, c.hdr(), payload)
+	f := sealRaw(c.toA, c.hdr(), asMessage(payload))
 	c.ctr++
 	return f
 }
@@ -727,7 +741,7 @@ func TestHostileDataFrames(t *testing.T) {
 		t.Fatalf("node-a's frame header %+v", hd)
 	}
 	nonce := wire.Nonce(hd.Counter)
-	if pt, err := ch.toC.Open(nil, nonce[:], sealed, f[:wire.DataHeaderLen]); err != nil || string(pt) != "pong" {
+	if pt, err := ch.toC.Open(nil, nonce[:], sealed, f[:wire.DataHeaderLen]); err != nil || string(pt) != string(asMessage([]byte("pong"))) {
 		t.Fatalf("node-a's frame does not open with node-c's key: %q %v", pt, err)
 	}
 	if _, err := ch.toA.Open(nil, nonce[:], bytes.Clone(sealed), f[:wire.DataHeaderLen]); err == nil {
@@ -985,7 +999,7 @@ func TestHostileCreditOverrun(t *testing.T) {
 	s := stats(t, e.a)
 	var sent []([]byte)
 	for range hostileWindow / chunk {
-		p := random(t, chunk)
+		p := random(t, chunk-wire.MessageLenSize)
 		sent = append(sent, p)
 		ch.send(t, ch.frame(p))
 	}
@@ -1002,7 +1016,7 @@ func TestHostileCreditOverrun(t *testing.T) {
 	// The peer may now send the credit it has: a window beyond what it sent.
 	sent = sent[:0]
 	for n := uint64(0); n+chunk <= granted; n += chunk {
-		p := random(t, chunk)
+		p := random(t, chunk-wire.MessageLenSize)
 		sent = append(sent, p)
 		ch.send(t, ch.frame(p))
 	}
@@ -1018,7 +1032,7 @@ func TestHostileCreditOverrun(t *testing.T) {
 	deadline := time.Now().Add(8 * time.Second)
 	for {
 		for total+chunk <= allowed {
-			p := random(t, chunk)
+			p := random(t, chunk-wire.MessageLenSize)
 			sent = append(sent, p)
 			ch2.send(t, ch2.frame(p))
 			total += chunk

@@ -30,6 +30,9 @@ const (
 
 	// InstanceSize is the length of an agent's per-start instance id.
 	InstanceSize = 16
+
+	// readBuffer is what a link reads from its connection at once.
+	readBuffer = 64 << 10
 )
 
 // Defaults for Config's timers.

@@ -1,6 +1,7 @@
 package link
 
 import (
+	"bufio"
 	"crypto/aes"
 	"crypto/cipher"
 	"encoding/binary"
@@ -54,6 +55,7 @@ type Link struct {
 	recv  cipher.AEAD // used by the reading goroutine only
 	recvN uint64
 	rbuf  []byte
+	br    *bufio.Reader // reads conn: many small frames per read
 
 	stats Stats
 
@@ -91,6 +93,7 @@ func newLink(conn net.Conn, c *Config, h *hello, initiator bool, send, recv *noi
 		recv:         ra,
 		wbuf:         make([]byte, 0, frameHeaderLen+MaxControlLen+tagLen),
 		rbuf:         make([]byte, frameHeaderLen+MaxFrameLen),
+		br:           bufio.NewReaderSize(conn, readBuffer),
 		done:         make(chan struct{}),
 	}
 	if l.keepalive <= 0 {
@@ -230,7 +233,7 @@ func (l *Link) readControl() ([]byte, error) {
 // read reads one frame: a control frame is opened and returned as msg; a
 // data frame is returned whole as data, aliasing the read buffer.
 func (l *Link) read() (msg, data []byte, err error) {
-	hdr, body, typ, err := readFrame(l.conn, l.rbuf)
+	hdr, body, typ, err := readFrame(l.br, l.rbuf)
 	if err != nil {
 		return nil, nil, err
 	}

@@ -40,6 +40,11 @@ import (
 // The nonce is 32 zero bits and the counter, big endian: a key is never used
 // with the same counter twice, since a sender counts up from 0 and a new
 // epoch has a new key.
+//
+// The payload of a stream channel's frame is the next bytes of the stream.
+// The payload of a message channel's frame is one or more messages, each a
+// 4-byte big-endian length and its bytes: a sender packs what its process
+// wrote in a burst into one frame, sealed once.
 
 // FrameData is the link frame type of a data frame.
 const FrameData byte = 2
@@ -48,9 +53,10 @@ const FrameData byte = 2
 const (
 	DataHeaderLen = 38
 	TagLen        = 16
-	// MaxPayload is the most payload one data frame carries: a stream's
-	// chunk, or one whole message of a message channel.
-	MaxPayload = 64 << 10
+	// MaxPayload is the most payload one data frame carries: bytes of a
+	// stream, or whole messages of a message channel, each with its 4-byte
+	// length (the largest message, 64 KiB, fits with its length).
+	MaxPayload = 64<<10 + 64
 	// MaxDataFrame is the largest data frame, link header included.
 	MaxDataFrame = DataHeaderLen + MaxPayload + TagLen
 )
@@ -126,6 +132,30 @@ func ParseDataHeader(f []byte) (DataHeader, []byte, error) {
 		return h, nil, ErrFinData
 	}
 	return h, sealed, nil
+}
+
+// MessageLenSize is the size of a message's length in a frame.
+const MessageLenSize = 4
+
+// SplitMessages calls f with each message of a message frame's payload, in
+// order, and reports whether the payload was well formed (every length
+// within it and within maxMessage).
+func SplitMessages(p []byte, maxMessage int, f func([]byte)) bool {
+	for len(p) > 0 {
+		if len(p) < MessageLenSize {
+			return false
+		}
+		n := int(binary.BigEndian.Uint32(p))
+		p = p[MessageLenSize:]
+		if n > maxMessage || n > len(p) {
+			return false
+		}
+		if f != nil {
+			f(p[:n])
+		}
+		p = p[n:]
+	}
+	return true
 }
 
 // Nonce returns the AEAD nonce of counter.
