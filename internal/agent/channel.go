@@ -410,11 +410,19 @@ func (ch *channel) receive(car carrier, frame []byte) {
 		return
 	}
 	nonce := wire.Nonce(h.Counter)
-	pt, err := k.recv.Open(sealed[:0], nonce[:], sealed, frame[:wire.DataHeaderLen])
+	buf := getDataBuf(len(sealed) - wire.TagLen)
+	pt, err := k.recv.Open(buf, nonce[:], sealed, frame[:wire.DataHeaderLen])
 	if err != nil {
+		putDataBuf(buf)
 		c.auth.Add(1)
 		return
 	}
+	keep := false
+	defer func() {
+		if !keep {
+			putDataBuf(buf)
+		}
+	}()
 	// In order only: a frame before the next expected one is a copy we
 	// have (a retransmission, or a replay); one after it means frames went
 	// missing, and the sender is asked to send them again.
@@ -450,9 +458,36 @@ func (ch *channel) receive(car carrier, frame []byte) {
 		ch.inq = append(ch.inq, inItem{fin: true})
 		ch.a.goRun(func() { ch.sendAck(false) }) // so the peer may end its side
 	} else {
-		ch.inq = append(ch.inq, inItem{data: append([]byte(nil), pt...)})
+		ch.inq = append(ch.inq, inItem{data: pt})
+		keep = true
 	}
 	signal(ch.inqSig)
+}
+
+// dataBufs is a bounded free list of buffers for received payloads of the
+// largest size; smaller ones come from the heap.
+var dataBufs = make(chan []byte, 256)
+
+func getDataBuf(n int) []byte {
+	if n > packTarget/2 {
+		select {
+		case b := <-dataBufs:
+			return b[:0]
+		default:
+			return make([]byte, 0, wire.MaxPayload)
+		}
+	}
+	return make([]byte, 0, n)
+}
+
+func putDataBuf(b []byte) {
+	if cap(b) != wire.MaxPayload {
+		return
+	}
+	select {
+	case dataBufs <- b:
+	default:
+	}
 }
 
 // inbound writes what arrived to the process, as many records as are
@@ -512,7 +547,11 @@ func (ch *channel) inbound() {
 				data += uint64(len(it.data))
 			}
 		}
-		if _, err := bufs.WriteTo(ch.sock); err != nil {
+		_, err := bufs.WriteTo(ch.sock)
+		for _, it := range items {
+			putDataBuf(it.data)
+		}
+		if err != nil {
 			ch.abort(wire.CodeReset, "the destination process closed the channel", true)
 			return
 		}
