@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"io"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -11,15 +12,17 @@ import (
 
 func runCA(args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
-		return usagef("want a subcommand: init or sign")
+		return usagef("want a subcommand: init, sign or revoke")
 	}
 	switch args[0] {
 	case "init":
 		return runCAInit(args[1:], stdout, stderr)
 	case "sign":
 		return runCASign(args[1:], stdout, stderr)
+	case "revoke":
+		return runCARevoke(args[1:], stdout, stderr)
 	}
-	return usagef("unknown subcommand %q: want init or sign", args[0])
+	return usagef("unknown subcommand %q: want init, sign or revoke", args[0])
 }
 
 func runCAInit(args []string, stdout, stderr io.Writer) error {
@@ -70,6 +73,43 @@ func runCASign(args []string, stdout, stderr io.Writer) error {
 	certPath, keyPath := cert.NodeFiles(*out, *node)
 	fmt.Fprintf(stdout, "node %q: certificate %s, key %s (0600)\npartitions %s, valid until %s\nfingerprint %s\n",
 		c.Name, certPath, keyPath, strings.Join(c.Partitions, ","), c.NotAfter.Format(time.RFC3339), c.Fingerprint())
+	return nil
+}
+
+func runCARevoke(args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("ca revoke", stderr)
+	dir := fs.String("dir", "", "the CA's folder (required)")
+	var nodes, fps multiFlag
+	fs.Var(&nodes, "node", "revoke every certificate of this node (repeat)")
+	fs.Var(&fps, "fingerprint", "revoke the certificate with this fingerprint (repeat)")
+	out := fs.String("out", "", "the revocation list to add to (default DIR/"+cert.RevocationsFile+")")
+	if _, err := parse(fs, args, 0); err != nil {
+		return err
+	}
+	if *dir == "" {
+		return usagef("--dir is required")
+	}
+	if len(nodes)+len(fps) == 0 {
+		return usagef("give --node or --fingerprint")
+	}
+	var fpv []cert.Fingerprint
+	for _, s := range fps {
+		f, err := cert.ParseFingerprint(s)
+		if err != nil {
+			return usagef("--fingerprint: %v", err)
+		}
+		fpv = append(fpv, f)
+	}
+	path := *out
+	if path == "" {
+		path = filepath.Join(*dir, cert.RevocationsFile)
+	}
+	r, err := cert.Revoke(*dir, path, nodes, fpv, time.Now())
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "revocation list %s: %d node(s), %d certificate(s), issued %s\n",
+		path, len(r.Nodes), len(r.Fingerprints), r.Issued.Format(time.RFC3339))
 	return nil
 }
 

@@ -20,6 +20,8 @@ commands:
   ca sign --dir DIR --node NAME --partition P [--partition P2 ...]
           [--valid-for DURATION] --out OUTDIR
                        make a node's key pair and certificate
+  ca revoke --dir DIR (--node NAME | --fingerprint FP)... [--out FILE]
+                       add to the CA's signed revocation list
   cert show FILE       print a certificate's fields and fingerprint
   agent --config FILE  run a node's agent
   peers --admin PATH [--json]

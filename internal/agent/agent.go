@@ -43,6 +43,7 @@ type Agent struct {
 	partitions map[string]*partition // fixed after start
 	self       *selfCarrier
 	policy     atomic.Pointer[policy.Policy]
+	revoked    atomic.Pointer[cert.Revocations]
 	tables     *tables
 	counters   counters
 
@@ -126,6 +127,7 @@ func New(cfg *config.Config, log *slog.Logger) (*Agent, error) {
 		Cert:             c,
 		Verifier:         verifier,
 		Instance:         a.instance,
+		Check:            a.checkRevoked,
 		HandshakeTimeout: cfg.Timers.Handshake,
 		Keepalive:        cfg.Timers.Keepalive,
 		DeadAfter:        cfg.Timers.DeadAfter,
@@ -134,6 +136,11 @@ func New(cfg *config.Config, log *slog.Logger) (*Agent, error) {
 		pr := newPeer(name, p.Address)
 		pr.carrier = &peerCarrier{a: a, p: pr}
 		a.peers[name] = pr
+	}
+	if cfg.Revocations != "" {
+		if err := a.loadRevocations(); err != nil {
+			return nil, fmt.Errorf("revocations: %w", err)
+		}
 	}
 	return a, nil
 }
@@ -197,6 +204,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	for _, p := range a.peers {
 		a.goRun(func() { a.dialLoop(ctx, p) })
 	}
+	a.goRun(func() { a.watchRevocations(ctx) })
 
 	<-ctx.Done()
 	a.log.Info("agent stopping")
@@ -230,7 +238,7 @@ func (a *Agent) Reload() error {
 	}
 	a.policy.Store(cfg.Policy)
 	a.log.Info("policy reloaded", "rules", cfg.Policy.Len())
-	return nil
+	return a.loadRevocations()
 }
 
 func (a *Agent) goRun(f func()) {

@@ -10,6 +10,7 @@
 //	ca   = "ca.crt"
 //	listen = "127.0.0.1:7701"        # peer link address
 //	admin  = "/run/sinc/node-a/admin.sock"
+//	revocations = "revoked.crl"      # optional: the CA's revocation list, followed as it changes
 //
 //	[timers]                         # optional; these are the defaults
 //	handshake = "5s"
@@ -78,6 +79,8 @@ type Config struct {
 	CA     string
 	Listen string
 	Admin  string
+	// Revocations is the CA-signed revocation list to follow; "" for none.
+	Revocations string
 
 	Timers Timers
 	Limits Limits
@@ -154,8 +157,9 @@ type file struct {
 	Cert   string `toml:"cert"`
 	Key    string `toml:"key"`
 	CA     string `toml:"ca"`
-	Listen string `toml:"listen"`
-	Admin  string `toml:"admin"`
+	Listen      string `toml:"listen"`
+	Admin       string `toml:"admin"`
+	Revocations string `toml:"revocations"`
 	Timers struct {
 		Handshake string `toml:"handshake"`
 		Keepalive string `toml:"keepalive"`
@@ -317,6 +321,9 @@ func Parse(path string, data []byte) (*Config, error) {
 			return nil, fail(p.field, errors.New("missing: a file path"))
 		}
 		*p.dst = absPath(base, p.val)
+	}
+	if f.Revocations != "" {
+		c.Revocations = absPath(base, f.Revocations)
 	}
 	if f.Listen == "" {
 		return nil, fail("listen", errors.New("missing: the peer link address, host:port"))

@@ -48,6 +48,10 @@ type Config struct {
 	DeadAfter        time.Duration // drop the link when nothing arrived this long
 
 	Now func() time.Time // clock for certificate validity; nil: time.Now
+
+	// Check, if set, is asked about every peer certificate that verified
+	// (revocation): an error refuses the handshake.
+	Check func(*cert.Certificate) error
 }
 
 func (c *Config) now() time.Time {
@@ -118,6 +122,11 @@ func (c *Config) checkPeer(hs *noise.HandshakeState, payload []byte) (*hello, er
 	}
 	if subtle.ConstantTimeCompare(hs.PeerStatic(), h.cert.PublicKey[:]) != 1 {
 		return nil, fmt.Errorf("node %q: %w", h.cert.Name, ErrStaticKeyMismatch)
+	}
+	if c.Check != nil {
+		if err := c.Check(h.cert); err != nil {
+			return nil, err
+		}
 	}
 	return h, nil
 }
