@@ -153,14 +153,14 @@ var (
 
 // file mirrors the TOML layout.
 type file struct {
-	Node   string `toml:"node"`
-	Cert   string `toml:"cert"`
-	Key    string `toml:"key"`
-	CA     string `toml:"ca"`
+	Node        string `toml:"node"`
+	Cert        string `toml:"cert"`
+	Key         string `toml:"key"`
+	CA          string `toml:"ca"`
 	Listen      string `toml:"listen"`
 	Admin       string `toml:"admin"`
 	Revocations string `toml:"revocations"`
-	Timers struct {
+	Timers      struct {
 		Handshake string `toml:"handshake"`
 		Keepalive string `toml:"keepalive"`
 		DeadAfter string `toml:"dead_after"`
