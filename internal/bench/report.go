@@ -76,6 +76,7 @@ type Report struct {
 	CPUSplit   map[string]map[string]Summary `json:"cpu_split"`
 	cpuSamples map[string]map[string][]float64
 	TLSInfo    string            `json:"tls"`
+	Goals      []Target          `json:"targets"`
 	Batched    map[string]string `json:"batched_means"`
 	OneWrite   map[string]string `json:"one_write_means"`
 	Seconds    float64           `json:"seconds"`
@@ -274,6 +275,20 @@ func (r *Report) Format(w io.Writer) {
 	}
 	tw.Flush()
 
+	if targets := r.Targets(); len(targets) > 0 {
+		fmt.Fprintf(w, "\nissue 6 targets (ratios against direct TLS in this run):\n")
+		tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+		fmt.Fprintln(tw, "target\ttransport\tnow\t")
+		for _, t := range targets {
+			met := "not met"
+			if t.Met {
+				met = "met"
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", t.Name, t.Transport, t.Value, met)
+		}
+		tw.Flush()
+	}
+
 	fmt.Fprintf(w, "\nbatched sender:\n")
 	for _, tr := range r.Transports {
 		fmt.Fprintf(w, "  %-12s %s\n", tr, r.Batched[tr])
@@ -304,4 +319,65 @@ func cpuModel() string {
 		}
 	}
 	return ""
+}
+
+// Target is where a sinc transport stands against a target of issue 6.
+type Target struct {
+	Name      string `json:"name"`
+	Transport string `json:"transport"`
+	Value     string `json:"value"`
+	Met       bool   `json:"met"`
+}
+
+// Targets compares the run with the targets of issue 6.
+func (r *Report) Targets() []Target {
+	var out []Target
+	ratio := func(name, key string, atLeast bool, bound float64) {
+		m := r.metric(key)
+		if m == nil {
+			return
+		}
+		for _, tr := range []string{SincStream, SincMessage} {
+			v, ok := m.Ratios[tr+"/"+TLS]
+			if !ok {
+				continue
+			}
+			met := v <= bound
+			if atLeast {
+				met = v >= bound
+			}
+			out = append(out, Target{name, tr, fmt.Sprintf("%.2f×", v), met})
+		}
+	}
+	abs := func(name, key, unit string, atLeast bool, bound float64) {
+		m := r.metric(key)
+		if m == nil {
+			return
+		}
+		for _, tr := range []string{SincStream, SincMessage} {
+			s, ok := m.Summary[tr]
+			if !ok {
+				continue
+			}
+			met := s.Median <= bound
+			if atLeast {
+				met = s.Median >= bound
+			}
+			out = append(out, Target{name, tr, format(s.Median) + " " + unit, met})
+		}
+	}
+	ratio("bulk throughput ≥ 0.8×", mBulk, true, 0.8)
+	ratio("64 B round trip p50 ≤ 3.5×", mRTT50, false, 3.5)
+	for _, size := range r.Options.MsgSizes {
+		ratio(fmt.Sprintf("batched message rate, %s ≥ 0.8×", sizeName(int64(size))), rateKey(size, true), true, 0.8)
+	}
+	for _, size := range r.Options.MsgSizes {
+		ratio(fmt.Sprintf("message rate one write each, %s ≥ 1.0×", sizeName(int64(size))), rateKey(size, false), true, 1.0)
+	}
+	abs("channel setup ≥ 20,000 opens/s", mOpens, "opens/s", true, 20000)
+	if n := len(r.Options.IdleCounts); n > 0 {
+		c := r.Options.IdleCounts[n-1]
+		abs(fmt.Sprintf("agent memory per idle channel (%d) ≤ 8 KiB", c), memKey("agent", c), "KiB", false, 8)
+	}
+	return out
 }

@@ -267,28 +267,18 @@ func (s *server) handle(c net.Conn) {
 	}
 	s.live.Add(1)
 	defer s.live.Add(-1)
-	msg := isMessage(s.tr)
-	buf := make([]byte, chunk)
-	// An idle connection waits here until its client closes it.
-	var hdr []byte
-	if msg {
-		n, err := c.Read(buf)
-		if err != nil {
-			return
+	// An idle connection waits here, holding nothing of its own, until
+	// its client closes it.
+	var hdr [hdrLen]byte
+	if err := readExactly(c, hdr[:], isMessage(s.tr)); err != nil {
+		if err != io.EOF {
+			s.fail(fmt.Errorf("header: %w", err))
 		}
-		hdr = buf[:n]
-	} else {
-		if _, err := io.ReadFull(c, buf[:hdrLen]); err != nil {
-			return
-		}
-		hdr = buf[:hdrLen]
-	}
-	if len(hdr) != hdrLen {
-		s.fail(fmt.Errorf("header of %d bytes", len(hdr)))
 		return
 	}
 	op, size, count := hdr[0], int(binary.BigEndian.Uint32(hdr[4:])), int64(binary.BigEndian.Uint64(hdr[8:]))
 	c.SetDeadline(time.Now().Add(defaultTimeout))
+	buf := make([]byte, chunk)
 	got, err := s.serve(c, op, size, count, buf)
 	if err != nil {
 		s.fail(fmt.Errorf("%c: %w", op, err))
