@@ -148,9 +148,10 @@ func New(cfg *config.Config, log *slog.Logger) (*Agent, error) {
 // maxAccepting bounds the channel opens from peers being accepted at once.
 const maxAccepting = 256
 
-// keySlot is the protected memory a channel's keys take: one 32-byte key
-// per direction (and a slot holds the node's key).
-const keySlot = 2 * wire.KeyLen
+// keySlot is the protected memory a channel's keys take: the key it sends
+// with, the key it receives with, and the receiving key being retired
+// while a new one takes over (and a slot holds the node's key).
+const keySlot = 3 * wire.KeyLen
 
 // memlockReserve is locked memory left for other uses than keys.
 const memlockReserve = 64 << 10
@@ -203,6 +204,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	for _, p := range a.peers {
 		a.goRun(func() { a.dialLoop(ctx, p) })
+		a.goRun(func() { a.rekeyLoop(ctx, p) })
 	}
 	a.goRun(func() { a.watchRevocations(ctx) })
 

@@ -216,6 +216,9 @@ func TestSimultaneousDial(t *testing.T) {
 		go func() { defer wg.Done(); a = startAgent(t, c.Nodes["node-a"], nil) }()
 		go func() { defer wg.Done(); b = startAgent(t, c.Nodes["node-b"], nil) }()
 		wg.Wait()
+		if a == nil || b == nil {
+			t.FailNow() // startAgent said why
+		}
 		waitUp(t, a, "node-b")
 		waitUp(t, b, "node-a")
 		time.Sleep(150 * time.Millisecond) // let any duplicate settle

@@ -125,6 +125,7 @@ func (a *Agent) newChannel(kind wire.Kind, part string, owner *procRef, car carr
 		done:      make(chan struct{}),
 		creditSig: make(chan struct{}, 1),
 		inqSig:    make(chan struct{}, 1),
+		keys:      keyEntry{rekeySig: make(chan struct{}, 1)},
 	}
 }
 
@@ -334,14 +335,31 @@ func (ch *channel) send(frame []byte, n int, flags byte) error {
 	ch.txmu.Lock()
 	defer ch.txmu.Unlock()
 	k := &ch.keys
-	k.mu.Lock()
-	if k.send == nil {
+	lim := &ch.a.cfg.Limits
+	for {
+		k.mu.Lock()
+		if k.send == nil {
+			k.mu.Unlock()
+			return errKeysGone
+		}
+		// Past twice the rotation limits no new key came: stop rather
+		// than use this one further.
+		if k.sealed < 2*uint64(lim.RotateFrames) && k.sealedB < 2*uint64(lim.RotateBytes) {
+			break
+		}
 		k.mu.Unlock()
-		return errKeysGone
+		ch.a.counters.keyStalls.Add(1)
+		select {
+		case <-k.rekeySig:
+		case <-ch.done:
+			return errKeysGone
+		}
 	}
-	h := wire.DataHeader{Flags: flags, Epoch: k.epoch, Index: ch.state.remoteIndex, Counter: k.sendCtr,
+	h := wire.DataHeader{Flags: flags, Epoch: k.sendEpoch, Index: ch.state.remoteIndex, Counter: k.sendCtr,
 		SrcConn: ch.id, DstConn: ch.state.remoteConn}
 	k.sendCtr++
+	k.sealed++
+	k.sealedB += uint64(n)
 	h.Put(frame, n)
 	nonce := wire.Nonce(h.Counter)
 	k.send.Seal(frame[wire.DataHeaderLen:wire.DataHeaderLen], nonce[:], frame[wire.DataHeaderLen:wire.DataHeaderLen+n], frame[:wire.DataHeaderLen])
@@ -405,13 +423,18 @@ func (ch *channel) receive(car carrier, frame []byte) {
 		c.unknownIndex.Add(1) // keys already dropped: the channel is ending
 		return
 	}
-	if h.Epoch != k.epoch {
+	aead := k.recv
+	switch {
+	case h.Epoch == k.recvEpoch:
+	case k.old != nil && h.Epoch == k.oldEpoch: // sealed before the sender took the new key
+		aead = k.old
+	default:
 		c.badEpoch.Add(1)
 		return
 	}
 	nonce := wire.Nonce(h.Counter)
 	buf := getDataBuf(len(sealed) - wire.TagLen)
-	pt, err := k.recv.Open(buf, nonce[:], sealed, frame[:wire.DataHeaderLen])
+	pt, err := aead.Open(buf, nonce[:], sealed, frame[:wire.DataHeaderLen])
 	if err != nil {
 		putDataBuf(buf)
 		c.auth.Add(1)
@@ -453,6 +476,22 @@ func (ch *channel) receive(car carrier, frame []byte) {
 	ch.next = h.Counter + 1
 	c.framesIn.Add(1)
 	ch.received += uint64(len(pt))
+	if h.Epoch == k.recvEpoch {
+		if k.old != nil {
+			// The first frame under the new key: every frame before it
+			// has come, and the old key opens nothing any more.
+			k.retireOld()
+			c.rotations.Add(1)
+		}
+		k.opened++
+		k.openedB += uint64(len(pt))
+		lim := &ch.a.cfg.Limits
+		if k.opened >= uint64(lim.RotateFrames) || k.openedB >= uint64(lim.RotateBytes) ||
+			time.Since(k.recvSince) >= ch.a.cfg.Timers.Rotate {
+			k.rotateRecv()
+			ch.a.goRun(ch.sendRekey)
+		}
+	}
 	if h.Flags&wire.FlagFin != 0 {
 		ch.finIn = true
 		ch.inq = append(ch.inq, inItem{fin: true})
@@ -598,10 +637,71 @@ func (ch *channel) sendAck(resend bool) {
 }
 
 // resume brings the channel back after its link came back: what the peer
-// may have lost is sent again, and our receiving state is told anew.
+// may have lost is sent again, and our receiving state is told anew (with
+// the key of a rotation under way, whose Rekey may have been lost).
 func (ch *channel) resume() {
 	ch.resend()
+	ch.rmu.Lock()
+	rotating := ch.keys.old != nil
+	ch.rmu.Unlock()
+	if rotating {
+		ch.sendRekey()
+	}
 	ch.sendAck(false)
+}
+
+// sendRekey gives the peer the key for its frames to us from now on.
+func (ch *channel) sendRekey() {
+	ch.rmu.Lock()
+	k := &ch.keys
+	m := &wire.Rekey{Epoch: k.recvEpoch}
+	k.mu.Lock()
+	ok := k.slot != nil
+	if ok {
+		copy(m.Key[:], k.recvKey())
+	}
+	k.mu.Unlock()
+	ch.rmu.Unlock()
+	if !ok {
+		return
+	}
+	ch.mu.Lock()
+	m.Index, m.DstConn, m.SrcConn = ch.state.remoteIndex, ch.state.remoteConn, ch.id
+	ch.mu.Unlock()
+	msg := m.Marshal()
+	clear(m.Key[:])
+	ch.carrier.sendControl(msg)
+	clear(msg)
+}
+
+// handleRekey takes the new key the peer chose for our frames to it.
+func (a *Agent) handleRekey(car carrier, m *wire.Rekey) {
+	defer clear(m.Key[:])
+	ch := a.tables.lookupIndex(m.Index)
+	if ch == nil {
+		return
+	}
+	ch.mu.Lock()
+	st := ch.state
+	ch.mu.Unlock()
+	if car != ch.carrier || st.remoteConn != m.SrcConn || ch.id != m.DstConn {
+		a.counters.wrongIDs.Add(1)
+		return
+	}
+	k := &ch.keys
+	k.mu.Lock()
+	switch {
+	case k.slot == nil || m.Epoch == k.sendEpoch: // gone, or sent again on a resume
+	case m.Epoch == k.sendEpoch+1:
+		copy(k.sendKey(), m.Key[:])
+		k.send = newGCM(k.sendKey())
+		k.sendEpoch, k.sealed, k.sealedB = m.Epoch, 0, 0
+		tellKey("channel send", k.sendKey())
+		signal(k.rekeySig)
+	default:
+		a.counters.malformed.Add(1)
+	}
+	k.mu.Unlock()
 }
 
 // checkDone ends the channel once a FIN has gone each way and ours was

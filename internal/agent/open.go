@@ -398,6 +398,12 @@ func (a *Agent) handleControl(car carrier, msg []byte) error {
 			return err
 		}
 		a.handleCredit(car, m)
+	case wire.OpRekey:
+		m, err := wire.ParseRekey(msg)
+		if err != nil {
+			return err
+		}
+		a.handleRekey(car, m)
 	default:
 		return fmt.Errorf("unknown control op %d", msg[0])
 	}

@@ -79,7 +79,7 @@ func (a *Agent) register(l *link.Link) (reason string, ok bool) {
 			}
 		}
 		a.retire(p, cur)
-		a.goRun(func() { cur.Shutdown("replaced by a newer link") }) // it writes: not under a.mu
+		a.goRun(func() { cur.Retire("replaced by a newer link") }) // it writes: not under a.mu
 	}
 	if p.grace != nil {
 		p.grace.Stop()
@@ -200,6 +200,39 @@ func (a *Agent) dialLoop(ctx context.Context, p *peer) {
 			return
 		}
 		backoff = min(backoff*2, t.DialMax)
+	}
+}
+
+// rekeyLoop replaces p's link by a fresh one — a new handshake, new
+// session keys — when it is older than timers.rekey or has carried
+// limits.rekey_frames frames. The side that dialed the link dials its
+// successor, so the two never rekey at once; the channels move to the new
+// link as on any resume, and the old one is retired, its keys dropped.
+func (a *Agent) rekeyLoop(ctx context.Context, p *peer) {
+	t := time.NewTicker(max(a.cfg.Timers.Rekey/8, 20*time.Millisecond))
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		a.mu.Lock()
+		l := p.link
+		a.mu.Unlock()
+		if l == nil || !l.Initiator() {
+			continue
+		}
+		s := l.Stats()
+		if time.Since(l.Started()) < a.cfg.Timers.Rekey && s.FramesOut.Load()+s.FramesIn.Load() < uint64(a.cfg.Limits.RekeyFrames) {
+			continue
+		}
+		if err := a.dialPeer(ctx, p); err != nil {
+			a.log.Info("link rekey failed; the old link goes on", "peer", p.name, "err", err)
+			continue
+		}
+		a.counters.rekeys.Add(1)
+		a.log.Debug("link rekeyed", "peer", p.name)
 	}
 }
 

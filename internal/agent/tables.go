@@ -8,6 +8,7 @@ import (
 	"errors"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"sinc.dev/sinc/internal/local"
 	"sinc.dev/sinc/internal/replay"
@@ -162,15 +163,26 @@ type chanState struct {
 // peer with the key the peer chose; recv opens frames to us with the key we
 // chose. The raw keys are kept only to be zeroed.
 type keyEntry struct {
-	mu       sync.Mutex // guards send, sendCtr and slot (the sending pump and close)
-	arena    *secret.Arena
-	slot     []byte // protected memory: the send key, then the receive key
-	epoch    uint16
-	send     cipher.AEAD
-	sendCtr  uint64
-	recv     cipher.AEAD
-	window   replay.Window // guarded by channel.rmu
-	zeroized bool
+	mu        sync.Mutex // guards the sending fields and slot (the sending pump, rekeys, close)
+	arena     *secret.Arena
+	slot      []byte // protected memory: send key, receive key, retiring receive key
+	zeroized  bool
+	sendEpoch uint16
+	send      cipher.AEAD
+	sendCtr   uint64
+	sealed    uint64 // frames sealed under sendEpoch
+	sealedB   uint64 // payload bytes sealed under sendEpoch
+	rekeySig  chan struct{}
+
+	// receiving side, guarded by channel.rmu
+	recvEpoch uint16
+	recv      cipher.AEAD
+	recvSince time.Time
+	opened    uint64 // frames opened under recvEpoch
+	openedB   uint64
+	old       cipher.AEAD // the retiring receive key, while its frames may still come
+	oldEpoch  uint16
+	window    replay.Window
 }
 
 // alloc takes the entry's protected memory.
@@ -185,6 +197,7 @@ func (k *keyEntry) alloc(a *secret.Arena) error {
 
 func (k *keyEntry) sendKey() []byte { return k.slot[:wire.KeyLen] }
 func (k *keyEntry) recvKey() []byte { return k.slot[wire.KeyLen : 2*wire.KeyLen] }
+func (k *keyEntry) oldKey() []byte  { return k.slot[2*wire.KeyLen : 3*wire.KeyLen] }
 
 // setSend takes the key the peer chose for traffic to it.
 func (k *keyEntry) setSend(key []byte) {
@@ -199,7 +212,32 @@ func (k *keyEntry) setSend(key []byte) {
 func (k *keyEntry) pickRecv() {
 	rand.Read(k.recvKey())
 	k.recv = newGCM(k.recvKey())
+	k.recvSince = time.Now()
 	tellKey("channel receive", k.recvKey())
+}
+
+// rotateRecv moves the receive key aside, to open the frames still sealed
+// with it, and picks a new one under the next epoch. Called under
+// channel.rmu, with no rotation under way.
+func (k *keyEntry) rotateRecv() {
+	k.mu.Lock() // the slot
+	copy(k.oldKey(), k.recvKey())
+	k.mu.Unlock()
+	k.old, k.oldEpoch = k.recv, k.recvEpoch
+	k.recvEpoch++
+	k.opened, k.openedB = 0, 0
+	k.pickRecv()
+}
+
+// retireOld zeroes the retiring receive key: every frame sealed with it
+// has arrived. Called under channel.rmu.
+func (k *keyEntry) retireOld() {
+	k.mu.Lock()
+	if k.slot != nil {
+		clear(k.oldKey())
+	}
+	k.mu.Unlock()
+	k.old = nil
 }
 
 func newGCM(k []byte) cipher.AEAD {
@@ -222,7 +260,7 @@ func (k *keyEntry) zero() {
 		k.arena.Free(k.slot) // zeroes it
 		k.slot = nil
 	}
-	k.send, k.recv = nil, nil
+	k.send, k.recv, k.old = nil, nil, nil
 	k.zeroized = true
 }
 
@@ -231,7 +269,7 @@ func (k *keyEntry) zero() {
 type counters struct {
 	unknownIndex, wrongIDs, badEpoch, auth, replay, outOfOrder, credit, malformed atomic.Uint64
 	framesIn, framesOut, retransmits, opensOK, opensRefused                       atomic.Uint64
-	resumes, graceExpired                                                         atomic.Uint64
+	resumes, graceExpired, rotations, rekeys, keyStalls                           atomic.Uint64
 }
 
 func (c *counters) snapshot() map[string]uint64 {
@@ -245,6 +283,9 @@ func (c *counters) snapshot() map[string]uint64 {
 		"retransmitted_frames":   c.retransmits.Load(),
 		"channel_resumes":        c.resumes.Load(),
 		"grace_expired":          c.graceExpired.Load(),
+		"key_rotations":          c.rotations.Load(),
+		"link_rekeys":            c.rekeys.Load(),
+		"sends_stalled_for_key":  c.keyStalls.Load(),
 		"rejected_credit":        c.credit.Load(),
 		"rejected_malformed":     c.malformed.Load(),
 		"data_frames_in":         c.framesIn.Load(),
@@ -263,5 +304,15 @@ func (ch *channel) row() local.Conn {
 	r.State = ch.state.status
 	r.BytesIn, r.BytesOut = ch.bytesIn.Load(), ch.bytesOut.Load()
 	r.RecordsIn, r.RecordsOut = ch.recsIn.Load(), ch.recsOut.Load()
+	k := &ch.keys
+	ch.rmu.Lock()
+	r.KeyEpochIn = k.recvEpoch
+	if lim := uint64(ch.a.cfg.Limits.RotateFrames); k.opened < lim {
+		r.RotateInFrames = lim - k.opened
+	}
+	ch.rmu.Unlock()
+	k.mu.Lock()
+	r.KeyEpochOut = k.sendEpoch
+	k.mu.Unlock()
 	return r
 }

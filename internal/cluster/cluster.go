@@ -38,7 +38,7 @@ type NodeSpec struct {
 
 // Timers overrides the agents' timers (empty fields keep the defaults).
 type Timers struct {
-	Handshake, Keepalive, DeadAfter, DialMin, DialMax, Open, Request, Grace string
+	Handshake, Keepalive, DeadAfter, DialMin, DialMax, Open, Request, Grace, Rekey, Rotate string
 }
 
 // Cluster is a laid-out local cluster.
@@ -113,7 +113,8 @@ func (c *Cluster) writeConfig(n *Node, t Timers) error {
 	b.WriteString("\n[timers]\n")
 	for _, kv := range [][2]string{{"handshake", t.Handshake}, {"keepalive", t.Keepalive},
 		{"dead_after", t.DeadAfter}, {"dial_min", t.DialMin}, {"dial_max", t.DialMax},
-		{"open", t.Open}, {"request", t.Request}, {"grace", t.Grace}} {
+		{"open", t.Open}, {"request", t.Request}, {"grace", t.Grace},
+		{"rekey", t.Rekey}, {"rotate", t.Rotate}} {
 		if kv[1] != "" {
 			fmt.Fprintf(&b, "%s = %q\n", kv[0], kv[1])
 		}

@@ -21,6 +21,8 @@
 //	open = "5s"                      # a channel open not answered by then fails
 //	request = "5s"                   # a process must send its request within this
 //	grace = "30s"                    # channels wait this long for a broken link to return
+//	rekey = "2m"                     # links make fresh session keys this often
+//	rotate = "10m"                   # channel keys are replaced this often
 //
 //	[limits]
 //	pending_handshakes = 256
@@ -100,6 +102,8 @@ type Timers struct {
 	Open      time.Duration
 	Request   time.Duration
 	Grace     time.Duration
+	Rekey     time.Duration // a link older than this is replaced by a fresh handshake
+	Rotate    time.Duration // a channel key older than this is replaced
 }
 
 // Limits bound the agent's tables and queues.
@@ -111,6 +115,9 @@ type Limits struct {
 	ListenersPerPartition int
 	PendingRequests       int
 	Window                int
+	RekeyFrames           int // frames a link carries before a fresh handshake
+	RotateFrames          int // frames under one channel key before a new one
+	RotateBytes           int // bytes under one channel key before a new one
 }
 
 // Partition is one partition this node hosts.
@@ -139,6 +146,8 @@ var (
 		Open:      5 * time.Second,
 		Request:   5 * time.Second,
 		Grace:     30 * time.Second,
+		Rekey:     2 * time.Minute,
+		Rotate:    10 * time.Minute,
 	}
 	DefaultLimits = Limits{
 		PendingHandshakes:     256,
@@ -148,6 +157,9 @@ var (
 		ListenersPerPartition: 256,
 		PendingRequests:       64,
 		Window:                256 << 10,
+		RekeyFrames:           1 << 30,
+		RotateFrames:          1 << 24,
+		RotateBytes:           1 << 34,
 	}
 )
 
@@ -169,6 +181,8 @@ type file struct {
 		Open      string `toml:"open"`
 		Request   string `toml:"request"`
 		Grace     string `toml:"grace"`
+		Rekey     string `toml:"rekey"`
+		Rotate    string `toml:"rotate"`
 	} `toml:"timers"`
 	Limits struct {
 		PendingHandshakes     *int `toml:"pending_handshakes"`
@@ -178,6 +192,9 @@ type file struct {
 		ListenersPerPartition *int `toml:"listeners_per_partition"`
 		PendingRequests       *int `toml:"pending_requests"`
 		Window                *int `toml:"window"`
+		RekeyFrames           *int `toml:"rekey_frames"`
+		RotateFrames          *int `toml:"rotate_frames"`
+		RotateBytes           *int `toml:"rotate_bytes"`
 	} `toml:"limits"`
 	Partitions map[string]struct {
 		Socket string `toml:"socket"`
@@ -346,6 +363,8 @@ func Parse(path string, data []byte) (*Config, error) {
 		{"timers.open", f.Timers.Open, &c.Timers.Open},
 		{"timers.request", f.Timers.Request, &c.Timers.Request},
 		{"timers.grace", f.Timers.Grace, &c.Timers.Grace},
+		{"timers.rekey", f.Timers.Rekey, &c.Timers.Rekey},
+		{"timers.rotate", f.Timers.Rotate, &c.Timers.Rotate},
 	} {
 		if d.val == "" {
 			continue
@@ -378,6 +397,9 @@ func Parse(path string, data []byte) (*Config, error) {
 		{"limits.listeners_per_partition", f.Limits.ListenersPerPartition, &c.Limits.ListenersPerPartition, 1, 65536},
 		{"limits.pending_requests", f.Limits.PendingRequests, &c.Limits.PendingRequests, 1, 65536},
 		{"limits.window", f.Limits.Window, &c.Limits.Window, MinWindow, MaxWindow},
+		{"limits.rekey_frames", f.Limits.RekeyFrames, &c.Limits.RekeyFrames, 16, 1 << 40},
+		{"limits.rotate_frames", f.Limits.RotateFrames, &c.Limits.RotateFrames, 4, 1 << 40},
+		{"limits.rotate_bytes", f.Limits.RotateBytes, &c.Limits.RotateBytes, MinWindow, 1 << 50},
 	} {
 		if l.val == nil {
 			continue

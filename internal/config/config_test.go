@@ -98,12 +98,13 @@ func TestParseGood(t *testing.T) {
 		}
 	}
 	wantTimers := config.Timers{Handshake: 2 * time.Second, Keepalive: time.Second, DeadAfter: 3500 * time.Millisecond,
-		DialMin: 50 * time.Millisecond, DialMax: time.Minute, Open: 750 * time.Millisecond, Request: 5 * time.Second, Grace: 30 * time.Second}
+		DialMin: 50 * time.Millisecond, DialMax: time.Minute, Open: 750 * time.Millisecond, Request: 5 * time.Second, Grace: 30 * time.Second, Rekey: 2 * time.Minute, Rotate: 10 * time.Minute}
 	if c.Timers != wantTimers {
 		t.Errorf("Timers = %+v, want %+v", c.Timers, wantTimers)
 	}
 	wantLimits := config.Limits{PendingHandshakes: 16, Channels: 100, ChannelsPerPartition: 50, ChannelsPerProcess: 10,
-		ListenersPerPartition: 8, PendingRequests: 4, Window: 128 << 10}
+		ListenersPerPartition: 8, PendingRequests: 4, Window: 128 << 10,
+		RekeyFrames: 1 << 30, RotateFrames: 1 << 24, RotateBytes: 1 << 34}
 	if c.Limits != wantLimits {
 		t.Errorf("Limits = %+v, want %+v", c.Limits, wantLimits)
 	}
@@ -179,9 +180,10 @@ func TestParseDefaults(t *testing.T) {
 	}
 	// The defaults are what the package documents.
 	want := config.Timers{Handshake: 5 * time.Second, Keepalive: 5 * time.Second, DeadAfter: 15 * time.Second,
-		DialMin: 200 * time.Millisecond, DialMax: 30 * time.Second, Open: 5 * time.Second, Request: 5 * time.Second, Grace: 30 * time.Second}
+		DialMin: 200 * time.Millisecond, DialMax: 30 * time.Second, Open: 5 * time.Second, Request: 5 * time.Second, Grace: 30 * time.Second, Rekey: 2 * time.Minute, Rotate: 10 * time.Minute}
 	wantLimits := config.Limits{PendingHandshakes: 256, Channels: 16384, ChannelsPerPartition: 8192, ChannelsPerProcess: 1024,
-		ListenersPerPartition: 256, PendingRequests: 64, Window: 262144}
+		ListenersPerPartition: 256, PendingRequests: 64, Window: 262144,
+		RekeyFrames: 1 << 30, RotateFrames: 1 << 24, RotateBytes: 1 << 34}
 	if config.DefaultTimers != want || config.DefaultLimits != wantLimits {
 		t.Errorf("defaults changed: %+v %+v", config.DefaultTimers, config.DefaultLimits)
 	}
@@ -288,7 +290,8 @@ func TestLimits(t *testing.T) {
 	c, err := config.Parse("/etc/a.toml", []byte(withLimits("pending_handshakes = 1\nchannels = 2\nchannels_per_partition = 3\n"+
 		"channels_per_process = 4\nlisteners_per_partition = 5\npending_requests = 6\nwindow = 65537")))
 	want := config.Limits{PendingHandshakes: 1, Channels: 2, ChannelsPerPartition: 3, ChannelsPerProcess: 4,
-		ListenersPerPartition: 5, PendingRequests: 6, Window: 65537}
+		ListenersPerPartition: 5, PendingRequests: 6, Window: 65537,
+		RekeyFrames: 1 << 30, RotateFrames: 1 << 24, RotateBytes: 1 << 34}
 	if err != nil || c.Limits != want {
 		t.Fatalf("got %+v, %v; want %+v", c, err, want)
 	}

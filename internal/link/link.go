@@ -57,7 +57,9 @@ type Link struct {
 	rbuf  []byte
 	br    *bufio.Reader // reads conn: many small frames per read
 
-	stats Stats
+	stats   Stats
+	started time.Time
+	retired bool // guarded by wmu
 
 	closeOnce sync.Once
 	done      chan struct{}
@@ -95,6 +97,7 @@ func newLink(conn net.Conn, c *Config, h *hello, initiator bool, send, recv *noi
 		rbuf:         make([]byte, frameHeaderLen+MaxFrameLen),
 		br:           bufio.NewReaderSize(conn, readBuffer),
 		done:         make(chan struct{}),
+		started:      time.Now(),
 	}
 	if l.keepalive <= 0 {
 		l.keepalive = DefaultKeepalive
@@ -314,6 +317,21 @@ func (l *Link) keepaliveLoop() {
 		}
 	}
 }
+
+// Retire ends the link gracefully: the peer is told why (our last frame),
+// nothing more is sent, and the link keeps reading until the peer closes
+// it (or goes quiet for DeadAfter), so nothing the peer sent before it
+// learned is lost. A link replaced by a newer one is retired.
+func (l *Link) Retire(reason string) {
+	l.sendControl(append([]byte{opClose}, truncate(reason, 200)...))
+	l.wmu.Lock()
+	l.send = nil
+	l.retired = true
+	l.wmu.Unlock()
+}
+
+// Started returns when the link came up.
+func (l *Link) Started() time.Time { return l.started }
 
 // Shutdown tells the peer why the link is closing, then closes it.
 func (l *Link) Shutdown(reason string) {

@@ -110,6 +110,12 @@ type Conn struct {
 	BytesIn         uint64    `json:"bytes_in"`
 	RecordsOut      uint64    `json:"records_out"`
 	RecordsIn       uint64    `json:"records_in"`
+	// Key lifecycle, never the keys: the epoch of the key each direction
+	// is sealed with, and how many more frames the incoming key opens
+	// before this agent replaces it.
+	KeyEpochOut    uint16 `json:"key_epoch_out"`
+	KeyEpochIn     uint16 `json:"key_epoch_in"`
+	RotateInFrames uint64 `json:"rotate_in_frames"`
 }
 
 // ParseRequest decodes a request line strictly: one JSON object, no unknown

@@ -21,6 +21,7 @@ import (
 //	Refuse    op=18 initIndex:4 initConn:8 code:1 by:name reason:text
 //	Close     op=19 index:4 dstConn:8 srcConn:8 code:1 reason:text
 //	Credit    op=20 index:4 dstConn:8 srcConn:8 granted:8 ack:8 flags:1
+//	Rekey     op=21 index:4 dstConn:8 srcConn:8 epoch:2 key:32
 //
 // In Open, index and conn are the initiator's receiving index and
 // connection id, and key is the key for traffic *to the initiator*, which
@@ -43,6 +44,7 @@ const (
 	OpRefuse byte = 18
 	OpClose  byte = 19
 	OpCredit byte = 20
+	OpRekey  byte = 21
 )
 
 const (
@@ -125,6 +127,34 @@ type Credit struct {
 	Granted uint64
 	Ack     uint64
 	Flags   byte
+}
+
+// Rekey gives the sender of a direction a new key, chosen by the receiver,
+// for frames from now on, with the next epoch.
+type Rekey struct {
+	Index   uint32
+	DstConn uint64
+	SrcConn uint64
+	Epoch   uint16
+	Key     [KeyLen]byte
+}
+
+// Marshal encodes m.
+func (m *Rekey) Marshal() []byte {
+	e := enc(make([]byte, 0, 55)).u8(OpRekey).u32(m.Index).u64(m.DstConn).u64(m.SrcConn)
+	e = binary.BigEndian.AppendUint16(e, m.Epoch)
+	return append(e, m.Key[:]...)
+}
+
+// ParseRekey decodes a Rekey.
+func ParseRekey(b []byte) (*Rekey, error) {
+	d, err := start(b, OpRekey)
+	if err != nil {
+		return nil, err
+	}
+	m := &Rekey{Index: d.u32(), DstConn: d.u64(), SrcConn: d.u64(), Epoch: binary.BigEndian.Uint16(d.take(2))}
+	copy(m.Key[:], d.take(KeyLen))
+	return m, d.done(OpRekey)
 }
 
 // Credit flags.

@@ -31,6 +31,11 @@ func TestControlRoundTrip(t *testing.T) {
 	if got, err := ParseClose(c.Marshal()); err != nil || *got != *c {
 		t.Fatalf("Close: %+v %v", got, err)
 	}
+	rk := &Rekey{Index: 1, DstConn: 2, SrcConn: 3, Epoch: 4}
+	rk.Key[5] = 6
+	if got, err := ParseRekey(rk.Marshal()); err != nil || *got != *rk {
+		t.Fatalf("Rekey: %+v %v", got, err)
+	}
 	cr := &Credit{Index: 1, DstConn: 2, SrcConn: 3, Granted: 4, Ack: 5, Flags: FlagResend}
 	if got, err := ParseCredit(cr.Marshal()); err != nil || *got != *cr {
 		t.Fatalf("Credit: %+v %v", got, err)
@@ -119,6 +124,9 @@ func FuzzControl(f *testing.F) {
 			check(m.Marshal(), nil)
 		}
 		if m, err := ParseCredit(b); err == nil {
+			check(m.Marshal(), nil)
+		}
+		if m, err := ParseRekey(b); err == nil {
 			check(m.Marshal(), nil)
 		}
 	})
