@@ -45,6 +45,9 @@ func printPeers(w io.Writer, node string, rows []admin.PeerRow, now time.Time) {
 		if !r.CertExpiry.IsZero() {
 			exp = r.CertExpiry.Format(time.RFC3339)
 		}
+		if r.CertWarning != "" {
+			exp += " (" + r.CertWarning + ")"
+		}
 		last := r.LastError
 		if last == "" {
 			last = "-"

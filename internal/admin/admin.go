@@ -57,17 +57,18 @@ func (e *Error) Error() string { return e.Code + ": " + e.Message }
 
 // PeerRow is one row of the peer table.
 type PeerRow struct {
-	Peer       string    `json:"peer"`
-	Address    string    `json:"address"`
-	State      string    `json:"state"` // "up", "connecting", "down"
-	Since      time.Time `json:"since"`
-	Initiator  bool      `json:"initiator,omitempty"`
-	CertExpiry time.Time `json:"cert_expiry,omitzero"`
-	FramesOut  uint64    `json:"frames_out"`
-	BytesOut   uint64    `json:"bytes_out"`
-	FramesIn   uint64    `json:"frames_in"`
-	BytesIn    uint64    `json:"bytes_in"`
-	LastError  string    `json:"last_error,omitempty"`
+	Peer        string    `json:"peer"`
+	Address     string    `json:"address"`
+	State       string    `json:"state"` // "up", "connecting", "down"
+	Since       time.Time `json:"since"`
+	Initiator   bool      `json:"initiator,omitempty"`
+	CertExpiry  time.Time `json:"cert_expiry,omitzero"`
+	CertWarning string    `json:"cert_warning,omitempty"` // the peer's certificate nears its end
+	FramesOut   uint64    `json:"frames_out"`
+	BytesOut    uint64    `json:"bytes_out"`
+	FramesIn    uint64    `json:"frames_in"`
+	BytesIn     uint64    `json:"bytes_in"`
+	LastError   string    `json:"last_error,omitempty"`
 }
 
 // Query sends req to the admin socket at path and returns the reply.

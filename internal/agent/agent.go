@@ -27,11 +27,13 @@ import (
 
 // Agent is one node's agent.
 type Agent struct {
-	cfg      *config.Config
-	log      *slog.Logger
-	cert     *cert.Certificate
-	linkCfg  *link.Config
-	instance [link.InstanceSize]byte
+	cfg       *config.Config
+	log       *slog.Logger
+	cert      *cert.Certificate
+	linkCfg   *link.Config // the identity the agent started with
+	ident     atomic.Pointer[link.Config]
+	identSlot []byte // protected memory of the node key in force
+	instance  [link.InstanceSize]byte
 
 	arena     *secret.Arena // protected memory for every key the agent holds
 	pending   chan struct{} // one token per handshake in progress
@@ -132,6 +134,8 @@ func New(cfg *config.Config, log *slog.Logger) (*Agent, error) {
 		Keepalive:        cfg.Timers.Keepalive,
 		DeadAfter:        cfg.Timers.DeadAfter,
 	}
+	a.ident.Store(a.linkCfg)
+	a.identSlot = nodeKey
 	for name, p := range cfg.Peers {
 		pr := newPeer(name, p.Address)
 		pr.carrier = &peerCarrier{a: a, p: pr}
@@ -207,6 +211,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.goRun(func() { a.rekeyLoop(ctx, p) })
 	}
 	a.goRun(func() { a.watchRevocations(ctx) })
+	a.goRun(func() { a.watchLifecycle(ctx) })
 
 	<-ctx.Done()
 	a.log.Info("agent stopping")
@@ -240,6 +245,10 @@ func (a *Agent) Reload() error {
 	}
 	a.policy.Store(cfg.Policy)
 	a.log.Info("policy reloaded", "rules", cfg.Policy.Len())
+	if err := a.reloadIdentity(); err != nil {
+		a.log.Error("certificate reload failed; keeping the one in force", "err", err)
+		return err
+	}
 	return a.loadRevocations()
 }
 
@@ -280,7 +289,7 @@ func (a *Agent) acceptLoop(ctx context.Context, ln net.Listener) {
 			continue
 		}
 		a.goRun(func() {
-			l, err := link.Accept(conn, a.linkCfg)
+			l, err := link.Accept(conn, a.linkConfig())
 			<-a.pending
 			if err != nil {
 				a.log.Warn("peer handshake failed", "remote", conn.RemoteAddr().String(), "err", err)

@@ -3,11 +3,13 @@ package agent
 import (
 	"bytes"
 	"fmt"
+	"os"
 	"sync"
 	"testing"
 	"time"
 
 	"sinc.dev/sinc"
+	"sinc.dev/sinc/internal/cert"
 	"sinc.dev/sinc/internal/cluster"
 	"sinc.dev/sinc/internal/config"
 	"sinc.dev/sinc/internal/wire"
@@ -164,4 +166,94 @@ func TestRetiredEpochRejected(t *testing.T) {
 		t.Fatalf("the frame after a refused one: %q", got)
 	}
 	checkDelta(t, e.a, "a retired epoch", s, map[string]uint64{"rejected_bad_epoch": 1, "data_frames_in": 1, "key_rotations": 0})
+}
+
+// renewCert replaces a node's certificate and key files with new ones.
+func renewCert(t *testing.T, c *cluster.Cluster, node string, validFor time.Duration) *cert.Certificate {
+	t.Helper()
+	n := c.Nodes[node]
+	certPath, keyPath := cert.NodeFiles(n.Dir, node)
+	tmp := t.TempDir()
+	nc, err := cert.SignNode(c.CADir, tmp, cert.NodeRequest{Node: node, Partitions: n.Spec.Partitions, ValidFor: validFor}, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	newCert, newKey := cert.NodeFiles(tmp, node)
+	// The key first: a certificate that does not match its key is refused,
+	// and the watcher retries when the certificate follows.
+	for _, mv := range [][2]string{{newKey, keyPath}, {newCert, certPath}} {
+		if err := os.Rename(mv[0], mv[1]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return nc
+}
+
+// TestCertificateRenewalUnderTraffic: node-a's certificate and key are
+// replaced while a channel carries messages: nothing is dropped, and node-b
+// sees the new certificate at the next link rekey.
+func TestCertificateRenewalUnderTraffic(t *testing.T) {
+	timers := fastTimers
+	timers.Rekey = "500ms"
+	c, err := cluster.Make(shortTempDir(t), channelSpecs, timers)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &pair{c: c, a: startAgent(t, c.Nodes["node-a"], nil), b: startAgent(t, c.Nodes["node-b"], nil)}
+	waitUp(t, p.a, "node-b")
+	echo(t, p.listen(t, "node-b", "db", "echo"))
+	cn := p.mustDial(t, "node-a", "web", "node-b/db/echo", sinc.Message)
+	const n = 3000
+	errc := make(chan error, 1)
+	go func() {
+		for j := range n {
+			m, err := cn.ReadMessage()
+			if want := fmt.Sprintf("m%d", j); err != nil || string(m) != want {
+				errc <- fmt.Errorf("message %q, want %q (%v)", m, want, err)
+				return
+			}
+		}
+		errc <- nil
+	}()
+	var nc *cert.Certificate
+	for j := range n {
+		if err := cn.WriteMessage([]byte(fmt.Sprintf("m%d", j))); err != nil {
+			t.Fatal(err)
+		}
+		if j == n/3 {
+			nc = renewCert(t, c, "node-a", 24*time.Hour)
+		}
+		if j%100 == 0 {
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	if err := <-errc; err != nil {
+		t.Fatal(err)
+	}
+	p.a.log.waitFor(t, 5*time.Second, "certificate renewed", "fingerprint="+nc.Fingerprint().String())
+	eventually(t, 10*time.Second, "node-b sees node-a's new certificate", func() bool {
+		l := p.b.link("node-a")
+		return l != nil && l.Peer().Fingerprint() == nc.Fingerprint()
+	})
+}
+
+// TestCertificateExpiry: a peer certificate about to expire is warned of,
+// and at expiry its link closes with that reason and stays closed.
+func TestCertificateExpiry(t *testing.T) {
+	c, err := cluster.Make(shortTempDir(t), channelSpecs, fastTimers)
+	if err != nil {
+		t.Fatal(err)
+	}
+	short := renewCert(t, c, "node-b", 4*time.Second)
+	p := &pair{c: c, a: startAgent(t, c.Nodes["node-a"], nil), b: startAgent(t, c.Nodes["node-b"], nil)}
+	row := waitUp(t, p.a, "node-b")
+	if row.CertWarning == "" || !row.CertExpiry.Equal(short.NotAfter) {
+		t.Fatalf("the peer table does not warn of node-b's certificate: %+v", row)
+	}
+	p.a.log.waitFor(t, 2*time.Second, "peer certificate expires in", "peer=node-b")
+	p.a.log.waitFor(t, 8*time.Second, "closing a link: certificate expired", "peer=node-b")
+	p.a.log.waitFor(t, 5*time.Second, "peer handshake failed", "expired")
+	if p.a.link("node-b") != nil {
+		t.Fatal("a link with an expired certificate is up")
+	}
 }

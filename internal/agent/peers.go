@@ -243,7 +243,7 @@ func (a *Agent) dialPeer(ctx context.Context, p *peer) error {
 	if err != nil {
 		return err
 	}
-	l, err := link.Dial(conn, a.linkCfg, p.name)
+	l, err := link.Dial(conn, a.linkConfig(), p.name)
 	if err != nil {
 		return err
 	}
@@ -272,6 +272,7 @@ func (a *Agent) peerRows() []admin.PeerRow {
 			r.FramesIn += s.FramesIn.Load()
 			r.BytesIn += s.BytesIn.Load()
 			r.CertExpiry = l.Peer().NotAfter
+			r.CertWarning = expiryWarning(l.Peer(), time.Now())
 			r.Initiator = l.Initiator()
 		}
 		rows = append(rows, r)

@@ -37,7 +37,7 @@ func (a *Agent) loadRevocations() error {
 	if a.cfg.Revocations == "" {
 		return nil
 	}
-	r, err := cert.LoadRevocations(a.cfg.Revocations, a.linkCfg.Verifier)
+	r, err := cert.LoadRevocations(a.cfg.Revocations, a.linkConfig().Verifier)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil // nothing revoked yet
 	}
