@@ -58,7 +58,7 @@ func printConns(w io.Writer, node string, rows []local.Conn, now time.Time) {
 		fmt.Fprintf(w, "connections of %s:\n", node)
 	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "ID\tPARTITION\tPROCESS\tSERVICE\tREMOTE\tREMOTE PROCESS\tKIND\tSTATE\tAGE\tBYTES OUT/IN")
+	fmt.Fprintln(tw, "ID\tPARTITION\tPROCESS\tSERVICE\tREMOTE\tREMOTE PROCESS\tKIND\tSTATE\tAGE\tBYTES OUT/IN\tKEY EPOCH OUT/IN\tROTATE IN")
 	for _, r := range rows {
 		svc := r.Service
 		remote := r.RemoteNode + "/" + r.RemotePartition
@@ -66,9 +66,9 @@ func printConns(w io.Writer, node string, rows []local.Conn, now time.Time) {
 			svc = "-"
 			remote += "/" + r.RemoteService
 		}
-		fmt.Fprintf(tw, "%d\t%s\tpid %d uid %d\t%s\t%s\tpid %d uid %d\t%s\t%s\t%s\t%d/%d\n", r.ID, r.Partition,
+		fmt.Fprintf(tw, "%d\t%s\tpid %d uid %d\t%s\t%s\tpid %d uid %d\t%s\t%s\t%s\t%d/%d\t%d/%d\t%d frames\n", r.ID, r.Partition,
 			r.Process.PID, r.Process.UID, svc, remote, r.RemoteProcess.PID, r.RemoteProcess.UID, r.Kind, r.State,
-			now.Sub(r.Created).Round(time.Millisecond), r.BytesOut, r.BytesIn)
+			now.Sub(r.Created).Round(time.Millisecond), r.BytesOut, r.BytesIn, r.KeyEpochOut, r.KeyEpochIn, r.RotateInFrames)
 	}
 	tw.Flush()
 }

@@ -64,6 +64,7 @@ type PeerRow struct {
 	Initiator   bool      `json:"initiator,omitempty"`
 	CertExpiry  time.Time `json:"cert_expiry,omitzero"`
 	CertWarning string    `json:"cert_warning,omitempty"` // the peer's certificate nears its end
+	NextRekey   time.Time `json:"next_rekey,omitzero"`    // when this side replaces the link's session keys
 	FramesOut   uint64    `json:"frames_out"`
 	BytesOut    uint64    `json:"bytes_out"`
 	FramesIn    uint64    `json:"frames_in"`

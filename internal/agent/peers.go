@@ -273,6 +273,9 @@ func (a *Agent) peerRows() []admin.PeerRow {
 			r.BytesIn += s.BytesIn.Load()
 			r.CertExpiry = l.Peer().NotAfter
 			r.CertWarning = expiryWarning(l.Peer(), time.Now())
+			if l.Initiator() {
+				r.NextRekey = l.Started().Add(a.cfg.Timers.Rekey)
+			}
 			r.Initiator = l.Initiator()
 		}
 		rows = append(rows, r)
