@@ -678,14 +678,7 @@ func (ch *channel) sendRekey() {
 func (a *Agent) handleRekey(car carrier, m *wire.Rekey) {
 	defer clear(m.Key[:])
 	ch := a.tables.lookupIndex(m.Index)
-	if ch == nil {
-		return
-	}
-	ch.mu.Lock()
-	st := ch.state
-	ch.mu.Unlock()
-	if car != ch.carrier || st.remoteConn != m.SrcConn || ch.id != m.DstConn {
-		a.counters.wrongIDs.Add(1)
+	if ch == nil || !a.idsMatch(car, ch, m.DstConn, m.SrcConn) {
 		return
 	}
 	k := &ch.keys
@@ -813,11 +806,11 @@ func (a *Agent) handleClose(car carrier, m *wire.Close) {
 	if ch == nil {
 		return // already gone
 	}
-	ch.mu.Lock()
-	st := ch.state
-	ch.mu.Unlock()
-	if car != ch.carrier || st.remoteConn != m.SrcConn || (m.DstConn != 0 && ch.id != m.DstConn) {
-		a.counters.wrongIDs.Add(1)
+	dst := m.DstConn
+	if dst == 0 { // named by the sender's connection id alone
+		dst = ch.id
+	}
+	if !a.idsMatch(car, ch, dst, m.SrcConn) {
 		a.log.Warn("channel close with ids that do not match", "peer", car.name(), "index", m.Index)
 		return
 	}
@@ -845,6 +838,20 @@ func (a *Agent) handleClose(car carrier, m *wire.Close) {
 	ch.end(&local.Error{Code: m.Code.String(), Message: reason, By: car.name()}, false)
 }
 
+// idsMatch checks a control message about ch against its channel state
+// table row: it must come from the channel's carrier and name both its
+// connection ids. A mismatch is counted.
+func (a *Agent) idsMatch(car carrier, ch *channel, dstConn, srcConn uint64) bool {
+	ch.mu.Lock()
+	remote := ch.state.remoteConn
+	ch.mu.Unlock()
+	if car != ch.carrier || remote != srcConn || ch.id != dstConn {
+		a.counters.wrongIDs.Add(1)
+		return false
+	}
+	return true
+}
+
 // handleCredit takes the peer's receiving state: credit, acknowledgement,
 // and perhaps a request to send again.
 func (a *Agent) handleCredit(car carrier, m *wire.Credit) {
@@ -857,11 +864,7 @@ func (a *Agent) handleCredit(car carrier, m *wire.Credit) {
 		a.goRun(func() { car.sendControl(msg) })
 		return
 	}
-	ch.mu.Lock()
-	st := ch.state
-	ch.mu.Unlock()
-	if car != ch.carrier || st.remoteConn != m.SrcConn || ch.id != m.DstConn {
-		a.counters.wrongIDs.Add(1)
+	if !a.idsMatch(car, ch, m.DstConn, m.SrcConn) {
 		return
 	}
 	ch.smu.Lock()

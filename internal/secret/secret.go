@@ -140,19 +140,23 @@ func (a *Arena) Alloc() ([]byte, error) {
 	return a.mem[off : off+a.slot : off+a.slot], nil
 }
 
-// Free zeroes a slot from Alloc and returns it to the arena.
+// Free zeroes a slot from Alloc and returns it to the arena. After Close it
+// does nothing: the memory is gone.
 func (a *Arena) Free(b []byte) {
 	if len(b) != a.slot {
 		panic("secret: Free of a slice that is not a slot")
 	}
-	clear(b)
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.mem == nil {
+		return
+	}
 	off := int(uintptr(unsafePointer(b)) - uintptr(unsafePointer(a.mem)))
 	if off < 0 || off >= len(a.mem) || off%a.slot != 0 {
 		panic("secret: Free of a slice from another arena")
 	}
-	a.mu.Lock()
+	clear(b)
 	a.free = append(a.free, off)
-	a.mu.Unlock()
 }
 
 // Close zeroes and unmaps the arena. No slot may be used after.
