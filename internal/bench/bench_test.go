@@ -316,19 +316,22 @@ func BenchmarkMessageRate(b *testing.B) {
 	}
 }
 
-// BenchmarkSetup: one op is an open+close cycle, from 16 openers.
+// BenchmarkSetup: one op is an open+close cycle, from 16 openers (the
+// rate of `sinc bench`) or from one (its latency).
 func BenchmarkSetup(b *testing.B) {
 	for _, tr := range Transports {
-		b.Run(tr, func(b *testing.B) {
-			e := benchEnv(b)
-			b.ResetTimer()
-			l, err := e.Setup(context.Background(), tr, b.N, 16, 0)
-			b.StopTimer()
-			if err != nil {
-				b.Fatal(err)
-			}
-			b.ReportMetric(l.PerSec(), "opens/s")
-			b.ReportMetric(us(l.P50), "p50-µs")
-		})
+		for _, conc := range []int{16, 1} {
+			b.Run(fmt.Sprintf("%s/openers=%d", tr, conc), func(b *testing.B) {
+				e := benchEnv(b)
+				b.ResetTimer()
+				l, err := e.Setup(context.Background(), tr, b.N, conc, 0)
+				b.StopTimer()
+				if err != nil {
+					b.Fatal(err)
+				}
+				b.ReportMetric(l.PerSec(), "opens/s")
+				b.ReportMetric(us(l.P50), "p50-µs")
+			})
+		}
 	}
 }

@@ -80,6 +80,10 @@ type Report struct {
 	Batched    map[string]string `json:"batched_means"`
 	OneWrite   map[string]string `json:"one_write_means"`
 	Seconds    float64           `json:"seconds"`
+	// Load averages (1 minute) before and after the run: other work on
+	// the machine shows here.
+	LoadBefore string `json:"load_before"`
+	LoadAfter  string `json:"load_after"`
 }
 
 func newReport(o Options) *Report {
@@ -304,7 +308,7 @@ func (r *Report) Format(w io.Writer) {
 	fmt.Fprintf(w, "sinc: two `sinc agent` processes (node-a ↔ node-b, one Noise link), default window, timers and checks; limits raised for 10,000 channels per process.\n")
 	fmt.Fprintf(w, "setup: tcp = connect+close; tls = connect+full handshake+close; sinc = channel open through both agents (policy checked by each)+close.\n")
 	fmt.Fprintf(w, "memory: growth of VmRSS from before the opens, fresh processes for each measurement; CPU: run time of every thread (/proc/PID/task/*/schedstat).\n")
-	fmt.Fprintf(w, "run took %.0f s\n", r.Seconds)
+	fmt.Fprintf(w, "run took %.0f s; load average (1 min) %s before, %s after\n", r.Seconds, r.LoadBefore, r.LoadAfter)
 }
 
 // cpuModel is the CPU's model name, if /proc/cpuinfo says.
@@ -380,4 +384,13 @@ func (r *Report) Targets() []Target {
 		abs(fmt.Sprintf("agent memory per idle channel (%d) ≤ 8 KiB", c), memKey("agent", c), "KiB", false, 8)
 	}
 	return out
+}
+
+// loadAvg is the 1-minute load average, as /proc/loadavg says.
+func loadAvg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if f := strings.Fields(string(b)); err == nil && len(f) > 0 {
+		return f[0]
+	}
+	return "?"
 }

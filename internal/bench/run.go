@@ -125,6 +125,7 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 	start := time.Now()
 	opts.start = start
 	r := newReport(opts)
+	r.LoadBefore = loadAvg()
 	opts.logf("starting agents and workers (%v)", opts.Transports)
 	env, err := StartEnv(ctx, EnvConfig{Bin: opts.Bin, Transports: opts.Transports, Dir: opts.Dir,
 		ProfileDir: opts.ProfileDir, Keep: opts.Keep})
@@ -218,6 +219,7 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 		return nil, err
 	}
 	r.Seconds = time.Since(start).Seconds()
+	r.LoadAfter = loadAvg()
 	r.finish()
 	r.Goals = r.Targets()
 	return r, nil
