@@ -6,6 +6,7 @@ import (
 	"math"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 )
@@ -80,10 +81,12 @@ type Report struct {
 	Batched    map[string]string `json:"batched_means"`
 	OneWrite   map[string]string `json:"one_write_means"`
 	Seconds    float64           `json:"seconds"`
-	// Load averages (1 minute) before and after the run: other work on
-	// the machine shows here.
-	LoadBefore string `json:"load_before"`
-	LoadAfter  string `json:"load_after"`
+	// LoadBefore is the 1-minute load average before the run; OtherCPU
+	// the share of the machine's CPU time that processes other than this
+	// run's used while it ran (-1: unknown). Both show other work that
+	// may have disturbed the run.
+	LoadBefore string  `json:"load_before"`
+	OtherCPU   float64 `json:"other_cpu"`
 }
 
 func newReport(o Options) *Report {
@@ -308,7 +311,12 @@ func (r *Report) Format(w io.Writer) {
 	fmt.Fprintf(w, "sinc: two `sinc agent` processes (node-a ↔ node-b, one Noise link), default window, timers and checks; limits raised for 10,000 channels per process.\n")
 	fmt.Fprintf(w, "setup: tcp = connect+close; tls = connect+full handshake+close; sinc = channel open through both agents (policy checked by each)+close.\n")
 	fmt.Fprintf(w, "memory: growth of VmRSS from before the opens, fresh processes for each measurement; CPU: run time of every thread (/proc/PID/task/*/schedstat).\n")
-	fmt.Fprintf(w, "run took %.0f s; load average (1 min) %s before, %s after\n", r.Seconds, r.LoadBefore, r.LoadAfter)
+	other := "unknown"
+	if r.OtherCPU >= 0 {
+		other = fmt.Sprintf("%.0f%%", 100*r.OtherCPU)
+	}
+	fmt.Fprintf(w, "run took %.0f s; load average before it %s; CPU used by other processes during it: %s of the machine\n",
+		r.Seconds, r.LoadBefore, other)
 }
 
 // cpuModel is the CPU's model name, if /proc/cpuinfo says.
@@ -393,4 +401,63 @@ func loadAvg() string {
 		return f[0]
 	}
 	return "?"
+}
+
+// cpuTicks is the machine's busy and total CPU time and the time of this
+// process and its reaped children, in clock ticks.
+type cpuTicks struct{ busy, total, self int64 }
+
+func readTicks() (cpuTicks, bool) {
+	var t cpuTicks
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return t, false
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	if len(f) < 9 || f[0] != "cpu" {
+		return t, false
+	}
+	var v [8]int64
+	for i := range v {
+		if v[i], err = strconv.ParseInt(f[i+1], 10, 64); err != nil {
+			return t, false
+		}
+	}
+	// user nice system idle iowait irq softirq steal
+	t.busy = v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
+	t.total = t.busy + v[3] + v[4]
+	b, err = os.ReadFile("/proc/self/stat")
+	if err != nil {
+		return t, false
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 {
+		return t, false
+	}
+	f = strings.Fields(s[i+1:])
+	if len(f) < 15 {
+		return t, false
+	}
+	for _, k := range []int{11, 12, 13, 14} { // utime stime cutime cstime
+		n, err := strconv.ParseInt(f[k], 10, 64)
+		if err != nil {
+			return t, false
+		}
+		t.self += n
+	}
+	return t, true
+}
+
+// otherCPU is the share of the machine's CPU time between a and b that
+// went to processes other than this one and its children (all reaped by
+// b).
+func otherCPU(a, b cpuTicks) float64 {
+	total := b.total - a.total
+	if total <= 0 {
+		return -1
+	}
+	other := (b.busy - a.busy) - (b.self - a.self)
+	return max(0, float64(other)/float64(total))
 }

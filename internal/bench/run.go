@@ -126,6 +126,7 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 	opts.start = start
 	r := newReport(opts)
 	r.LoadBefore = loadAvg()
+	ticks0, ticksOK := readTicks()
 	opts.logf("starting agents and workers (%v)", opts.Transports)
 	env, err := StartEnv(ctx, EnvConfig{Bin: opts.Bin, Transports: opts.Transports, Dir: opts.Dir,
 		ProfileDir: opts.ProfileDir, Keep: opts.Keep})
@@ -219,7 +220,10 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 		return nil, err
 	}
 	r.Seconds = time.Since(start).Seconds()
-	r.LoadAfter = loadAvg()
+	r.OtherCPU = -1
+	if ticks1, ok := readTicks(); ok && ticksOK {
+		r.OtherCPU = otherCPU(ticks0, ticks1)
+	}
 	r.finish()
 	r.Goals = r.Targets()
 	return r, nil
