@@ -21,13 +21,17 @@
 package sinc
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"sinc.dev/sinc/internal/local"
 )
@@ -204,27 +208,52 @@ func ctxErr(ctx context.Context, err error) error {
 	return err
 }
 
-// readResponse reads the agent's answer line byte by byte, so nothing after
-// it (channel data) is consumed.
+// readResponse reads the agent's answer line and nothing after it (channel
+// data may follow at once): it peeks at what has arrived, then takes just
+// the line.
 func readResponse(c *net.UnixConn) (*local.Response, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	buf := make([]byte, 4<<10) // an answer is a few hundred bytes; longer ones loop
 	var line []byte
-	var b [1]byte
 	for {
-		if _, err := c.Read(b[:]); err != nil {
-			if len(line) == 0 && errors.Is(err, os.ErrDeadlineExceeded) {
+		var n int
+		var rerr error
+		err := rc.Read(func(fd uintptr) bool {
+			n, _, rerr = unix.Recvfrom(int(fd), buf, unix.MSG_PEEK)
+			return rerr != unix.EAGAIN
+		})
+		if err == nil {
+			err = rerr
+		}
+		if err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
 				return nil, err
 			}
 			return nil, fmt.Errorf("agent's answer: %w", err)
 		}
-		if b[0] == '\n' {
+		if n == 0 {
+			return nil, errors.New("agent's answer: the agent closed the socket")
+		}
+		i := bytes.IndexByte(buf[:n], '\n')
+		take := n
+		if i >= 0 {
+			take = i + 1
+		}
+		if _, err := io.ReadFull(c, buf[:take]); err != nil {
+			return nil, fmt.Errorf("agent's answer: %w", err)
+		}
+		if line = append(line, buf[:take]...); i >= 0 {
 			break
 		}
-		if line = append(line, b[0]); len(line) > 1<<20 {
+		if len(line) > 1<<20 {
 			return nil, errors.New("agent's answer too long")
 		}
 	}
 	var r local.Response
-	if err := json.Unmarshal(line, &r); err != nil {
+	if err := json.Unmarshal(line[:len(line)-1], &r); err != nil {
 		return nil, fmt.Errorf("agent's answer: %w", err)
 	}
 	return &r, nil

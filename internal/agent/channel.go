@@ -11,6 +11,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"sinc.dev/sinc/internal/link"
 	"sinc.dev/sinc/internal/local"
 	"sinc.dev/sinc/internal/wire"
@@ -164,10 +166,27 @@ const (
 
 // outbound moves the process's records to the peer. Records that arrive
 // together are packed into one frame, sealed once, as far as credit allows.
+// An idle channel holds no read buffer: the pump waits for the socket to be
+// readable, takes a buffer from a pool, and gives it back once empty.
 func (ch *channel) outbound() {
 	var hdr [local.RecordHeaderLen]byte
-	br := bufio.NewReaderSize(ch.rd, outboundBuffer)
+	var br *bufio.Reader
+	defer func() {
+		if br != nil && br.Buffered() == 0 {
+			putReader(br)
+		}
+	}()
 	for {
+		if br != nil && br.Buffered() == 0 {
+			putReader(br)
+			br = nil
+		}
+		if br == nil {
+			if ch.rd == io.Reader(ch.sock) {
+				ch.waitReadable()
+			}
+			br = getReader(ch.rd)
+		}
 		if _, err := io.ReadFull(br, hdr[:]); err != nil {
 			if err == io.EOF { // at a record boundary: the process closed
 				ch.sendFin()
@@ -216,6 +235,41 @@ func (ch *channel) outbound() {
 }
 
 var errEnded = errors.New("channel ended")
+
+// waitReadable blocks until the process's socket has something to read (or
+// an error, or is closed), without a buffer.
+func (ch *channel) waitReadable() {
+	rc, err := ch.sock.SyscallConn()
+	if err != nil {
+		return
+	}
+	rc.Read(func(fd uintptr) bool {
+		p := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		n, err := unix.Poll(p, 0)
+		return err != nil || n > 0
+	})
+}
+
+// readers is a bounded free list of the outbound pumps' read buffers.
+var readers = make(chan *bufio.Reader, 256)
+
+func getReader(r io.Reader) *bufio.Reader {
+	select {
+	case br := <-readers:
+		br.Reset(r)
+		return br
+	default:
+		return bufio.NewReaderSize(r, outboundBuffer)
+	}
+}
+
+func putReader(br *bufio.Reader) {
+	br.Reset(nil)
+	select {
+	case readers <- br:
+	default:
+	}
+}
 
 // pack reads a data record of n bytes whose header was read, and the data
 // records already buffered behind it while they fit one frame and the
