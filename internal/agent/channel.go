@@ -88,8 +88,9 @@ type channel struct {
 	granted   uint64 // payload bytes granted to the peer in all
 	received  uint64 // payload bytes received
 	delivered uint64 // payload bytes written to the process
-	inq       []inItem
-	inqSig    chan struct{}
+	inq        []inItem
+	inqSig     chan struct{}
+	delivering bool // the inbound pump is writing what it took from inq
 	finIn     bool        // the peer's FIN arrived
 	finDone   atomic.Bool // the peer's FIN was delivered to the process
 
@@ -102,10 +103,13 @@ type rtxFrame struct {
 	frame   []byte
 }
 
-// inItem is one thing to deliver to the process.
+// inItem is one thing to deliver to the process: a frame's payload, a FIN,
+// or the rest of records a direct delivery could not write whole (raw).
 type inItem struct {
 	data []byte
 	fin  bool
+	raw  []byte
+	rawN struct{ payload, recs, data uint64 } // what raw completes
 }
 
 // carrier takes frames to the peer agent of a channel: the current link to
@@ -462,7 +466,7 @@ func (ch *channel) receive(car carrier, frame []byte) {
 		return
 	}
 	ch.mu.Lock()
-	st := ch.state
+	st, started := ch.state, ch.started
 	ch.mu.Unlock()
 	if st.status != "open" || car != ch.carrier || h.SrcConn != st.remoteConn || h.DstConn != ch.id {
 		c.wrongIDs.Add(1)
@@ -550,11 +554,92 @@ func (ch *channel) receive(car carrier, frame []byte) {
 		ch.finIn = true
 		ch.inq = append(ch.inq, inItem{fin: true})
 		ch.a.goRun(func() { ch.sendAck(false) }) // so the peer may end its side
+	} else if started && len(ch.inq) == 0 && !ch.delivering && ch.deliverNow(pt) {
+		return // written straight to the process: one hand-off fewer
 	} else {
 		ch.inq = append(ch.inq, inItem{data: pt})
 		keep = true
 	}
 	signal(ch.inqSig)
+}
+
+// deliverNow tries to write a payload's records to the process at once,
+// from the receiving goroutine, without waiting: what the socket does not
+// take now is queued for the inbound pump. It reports whether it took the
+// payload. Called under rmu, with nothing queued before it.
+func (ch *channel) deliverNow(pt []byte) bool {
+	var hdrs [16 * local.RecordHeaderLen]byte
+	iov := make([][]byte, 0, 32)
+	var recs, data uint64
+	ok := true
+	add := func(m []byte) {
+		if len(iov) >= 30 {
+			ok = false // many small messages: the pump batches them better
+			return
+		}
+		h := hdrs[4*len(iov)/2 : 4*len(iov)/2+local.RecordHeaderLen]
+		local.PutRecordHeader(h, local.RecData, len(m))
+		iov = append(iov, h)
+		if len(m) > 0 {
+			iov = append(iov, m)
+		} else {
+			iov = append(iov, nil)
+		}
+		recs++
+		data += uint64(len(m))
+	}
+	if ch.kind == wire.Message {
+		wire.SplitMessages(pt, local.MaxMessage, add)
+	} else {
+		add(pt)
+	}
+	if !ok {
+		return false
+	}
+	rc, err := ch.sock.SyscallConn()
+	if err != nil {
+		return false
+	}
+	var n int
+	var werr error
+	if err := rc.Write(func(fd uintptr) bool {
+		n, werr = unix.Writev(int(fd), iov)
+		return true // never wait: this is the link's reading goroutine
+	}); err != nil {
+		return false
+	}
+	total := 0
+	for _, b := range iov {
+		total += len(b)
+	}
+	if werr != nil && werr != unix.EAGAIN {
+		return false // the pump meets the error and ends the channel
+	}
+	n = max(n, 0)
+	if n < total {
+		var rest []byte
+		for _, b := range iov {
+			if n >= len(b) {
+				n -= len(b)
+				continue
+			}
+			rest = append(rest, b[n:]...)
+			n = 0
+		}
+		it := inItem{raw: rest}
+		it.rawN.payload, it.rawN.recs, it.rawN.data = uint64(len(pt)), recs, data
+		ch.inq = append(ch.inq, it)
+		signal(ch.inqSig)
+		return true
+	}
+	ch.bytesIn.Add(data)
+	ch.recsIn.Add(recs)
+	ch.delivered += uint64(len(pt))
+	if owed := ch.delivered + uint64(ch.window) - ch.granted; owed >= uint64(ch.window)/4 && !ch.finIn {
+		ch.granted += owed
+		ch.a.goRun(func() { ch.sendAck(false) })
+	}
+	return true
 }
 
 // dataBufs is a bounded free list of buffers for received payloads of the
@@ -597,6 +682,7 @@ func (ch *channel) inbound() {
 		ch.rmu.Lock()
 		items := ch.inq
 		ch.inq = nil
+		ch.delivering = true
 		ch.rmu.Unlock()
 		bufs, hdrs = bufs[:0], hdrs[:0]
 		var payload, recs, data uint64
@@ -627,6 +713,13 @@ func (ch *channel) inbound() {
 				fin = true
 				continue
 			}
+			if it.raw != nil {
+				bufs = append(bufs, it.raw)
+				payload += it.rawN.payload
+				recs += it.rawN.recs
+				data += it.rawN.data
+				continue
+			}
 			payload += uint64(len(it.data))
 			if ch.kind == wire.Message {
 				wire.SplitMessages(it.data, local.MaxMessage, func(m []byte) {
@@ -644,6 +737,9 @@ func (ch *channel) inbound() {
 		for _, it := range items {
 			putDataBuf(it.data)
 		}
+		ch.rmu.Lock()
+		ch.delivering = false
+		ch.rmu.Unlock()
 		if err != nil {
 			ch.abort(wire.CodeReset, "the destination process closed the channel", true)
 			return
