@@ -82,17 +82,17 @@ type channel struct {
 	finOut    atomic.Bool   // our FIN went out
 
 	// receiving side, guarded by rmu
-	rmu       sync.Mutex
-	next      uint64 // counter of the frame expected next
-	asked     uint64 // 1 + the value of next at which we last asked for a resend
-	granted   uint64 // payload bytes granted to the peer in all
-	received  uint64 // payload bytes received
-	delivered uint64 // payload bytes written to the process
+	rmu        sync.Mutex
+	next       uint64 // counter of the frame expected next
+	asked      uint64 // 1 + the value of next at which we last asked for a resend
+	granted    uint64 // payload bytes granted to the peer in all
+	received   uint64 // payload bytes received
+	delivered  uint64 // payload bytes written to the process
 	inq        []inItem
 	inqSig     chan struct{}
-	delivering bool // the inbound pump is writing what it took from inq
-	finIn     bool        // the peer's FIN arrived
-	finDone   atomic.Bool // the peer's FIN was delivered to the process
+	delivering bool        // the inbound pump is writing what it took from inq
+	finIn      bool        // the peer's FIN arrived
+	finDone    atomic.Bool // the peer's FIN was delivered to the process
 
 	bytesIn, bytesOut, recsIn, recsOut, retransmits atomic.Uint64
 }
