@@ -220,14 +220,6 @@ func TestThousandChannelsThreeNodes(t *testing.T) {
 		res.Channels, res.Messages, res.Seconds, peak)
 }
 
-func maxOf(xs []int) int {
-	m := 0
-	for _, x := range xs {
-		m = max(m, x)
-	}
-	return m
-}
-
 // rssKiB reads a process's resident set size.
 func rssKiB(pid int) int {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))

@@ -271,9 +271,3 @@ func startMutePeer(t *testing.T, n, _ *cluster.Node) *mutePeer {
 	})
 	return m
 }
-
-// newKey returns a fresh random channel key (for tests that play a peer).
-func newKey() (k [wire.KeyLen]byte) {
-	rand.Read(k[:])
-	return k
-}

@@ -116,11 +116,8 @@ func TestRetiredEpochRejected(t *testing.T) {
 	e.id = hostileIdentity(t, c)
 	e.h = dialHostile(t, e.id, e.a)
 	ch, conn := e.accepted(t)
-	var old [][]byte
 	for i := range 8 { // the 8th frame makes node-a rotate
-		f := ch.frame([]byte(fmt.Sprintf("m%d", i)))
-		old = append(old, f)
-		ch.send(t, f)
+		ch.send(t, ch.frame([]byte(fmt.Sprintf("m%d", i))))
 	}
 	for i := range 8 {
 		if got := readMsg(t, conn); string(got) != fmt.Sprintf("m%d", i) {

@@ -150,13 +150,12 @@ func (t *tables) len() int {
 
 // chanState is a channel's row in the channel state table.
 type chanState struct {
-	index        uint32 // ours: data frames to us carry it
-	peer         string // the node frames must come from (the link's authenticated peer)
-	peerInstance [16]byte
-	remotePart   string
-	remoteIndex  uint32 // theirs: data frames we send carry it
-	remoteConn   uint64
-	status       string // opening, open, closing
+	index       uint32 // ours: data frames to us carry it
+	peer        string // the node frames must come from (the link's authenticated peer)
+	remotePart  string
+	remoteIndex uint32 // theirs: data frames we send carry it
+	remoteConn  uint64
+	status      string // opening, open, closing
 }
 
 // keyEntry is a channel's row in the key table. send seals frames to the

@@ -17,9 +17,6 @@ const (
 	// helloVersion is the version of the handshake payload (hello.go).
 	helloVersion = 1
 
-	// maxHandshakeMsg bounds one Noise handshake message (Noise's own limit).
-	maxHandshakeMsg = 65535
-
 	// MaxFrameLen is the hard maximum of a frame's length field (type byte
 	// and body). A frame announcing more kills the link before any of
 	// its body is read.
