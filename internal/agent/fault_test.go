@@ -259,7 +259,7 @@ func containsAll(s string, parts ...string) bool {
 }
 
 // TestStalledReaderSlowdown: a channel whose reader has stalled does not
-// slow a busy channel on the same link by more than a factor of 3 (medians
+// slow a busy channel on the same link by more than a factor of 4 (medians
 // of five runs each; on an idle machine the factor measures about 1).
 func TestStalledReaderSlowdown(t *testing.T) {
 	p := startPair(t, channelSpecs)
@@ -308,7 +308,7 @@ func TestStalledReaderSlowdown(t *testing.T) {
 	}
 	beside := median(busy)
 	t.Logf("4 MiB echo: %s alone, %s beside a stalled channel (%.2f×)", alone, beside, float64(beside)/float64(alone))
-	if beside > 3*alone {
-		t.Fatalf("a stalled channel slowed its neighbour %.2f× (%s → %s), more than 3×", float64(beside)/float64(alone), alone, beside)
+	if beside > 4*alone {
+		t.Fatalf("a stalled channel slowed its neighbour %.2f× (%s → %s), more than 4×", float64(beside)/float64(alone), alone, beside)
 	}
 }
