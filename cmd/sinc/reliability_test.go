@@ -11,7 +11,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -235,4 +234,3 @@ func rssKiB(pid int) int {
 	return 0
 }
 
-var _ = syscall.SIGKILL

@@ -15,7 +15,6 @@ import (
 
 	"sinc.dev/sinc"
 	"sinc.dev/sinc/internal/cluster"
-	"sinc.dev/sinc/internal/local"
 )
 
 // TestStreamAcrossNodes: 1 MiB of random data crosses a stream channel
@@ -479,4 +478,3 @@ func TestManyChannelsOneLink(t *testing.T) {
 	}
 }
 
-var _ = local.Version

@@ -59,11 +59,9 @@ func (a *Agent) dial(p *partition, proc *procRef, sock *net.UnixConn, rd io.Read
 		if pr == nil {
 			return fail(wire.CodeNoSuchNode, a.cfg.Node, "node %q is not a peer of %s", addr.Node, a.cfg.Node)
 		}
-		l, err := a.waitLink(pr, deadline)
-		if err != nil {
+		if _, err := a.waitLink(pr, deadline); err != nil {
 			return fail(wire.CodeUnreachable, a.cfg.Node, "node %q: %v", addr.Node, err)
 		}
-		_ = l
 		car = pr.carrier
 	}
 	src := policy.Source{Node: a.cfg.Node, Partition: p.name, UID: proc.uid}
