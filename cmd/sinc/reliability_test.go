@@ -233,4 +233,3 @@ func rssKiB(pid int) int {
 	}
 	return 0
 }
-

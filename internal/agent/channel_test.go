@@ -477,4 +477,3 @@ func TestManyChannelsOneLink(t *testing.T) {
 		t.Error(err)
 	}
 }
-
