@@ -146,16 +146,7 @@ func (k *claimsCluster) dialAs(t *testing.T, uid, gid int, part, addr string, in
 	t.Helper()
 	cmd := as(uid, gid, append([]string{"dial", addr, "--socket", k.a.Partitions[part]}, extra...)...)
 	cmd.Stdin = bytes.NewReader(in)
-	var out, errb bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	err := cmd.Run()
-	code := 0
-	if ee, ok := err.(*exec.ExitError); ok {
-		code = ee.ExitCode()
-	} else if err != nil {
-		t.Fatal(err)
-	}
-	return out.Bytes(), errb.String(), code
+	return runCmd(t, cmd)
 }
 
 func (k *claimsCluster) seenCount(t *testing.T) int {

@@ -69,7 +69,14 @@ func runSinc(t *testing.T, args ...string) (string, string, int) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, bin, args...)
+	out, errs, code := runCmd(t, exec.CommandContext(ctx, bin, args...))
+	return string(out), errs, code
+}
+
+// runCmd runs cmd and returns its stdout, stderr and exit code; a command
+// that could not run at all fails the test.
+func runCmd(t *testing.T, cmd *exec.Cmd) ([]byte, string, int) {
+	t.Helper()
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	err := cmd.Run()
@@ -77,9 +84,9 @@ func runSinc(t *testing.T, args ...string) (string, string, int) {
 	if ee, ok := err.(*exec.ExitError); ok {
 		code = ee.ExitCode()
 	} else if err != nil {
-		t.Fatalf("sinc %v: %v", args, err)
+		t.Fatalf("%v: %v", cmd.Args, err)
 	}
-	return out.String(), errb.String(), code
+	return out.Bytes(), errb.String(), code
 }
 
 func mustSinc(t *testing.T, args ...string) string {

@@ -1130,13 +1130,10 @@ func TestHostileCreditOverrun(t *testing.T) {
 	e.goodChannel(t)
 }
 
-// TestHostileFramesForAnotherLinksChannel: node-c knows (here: the test
-// reads from node-a's tables) everything about a channel between node-b
-// and node-a, its key included, and sends its frames and control messages
-// over its own link. A channel takes frames only from the link it opened
-// on: all are rejected, and the channel carries on.
-func TestHostileFramesForAnotherLinksChannel(t *testing.T) {
-	e := startHostileEnv(t, true)
+// bystander opens a message channel from node-b (a real agent) to an echo
+// on node-a, and returns it with a check that it still echoes.
+func (e *hostileEnv) bystander(t *testing.T) (*sinc.Conn, func(string)) {
+	t.Helper()
 	ln, err := (&sinc.ListenConfig{Socket: e.c.Nodes["node-a"].Partitions["db"]}).Listen(ctxT(t), "echo")
 	if err != nil {
 		t.Fatal(err)
@@ -1147,8 +1144,8 @@ func TestHostileFramesForAnotherLinksChannel(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer bc.Close()
-	echoOnce := func(m string) {
+	t.Cleanup(func() { bc.Close() })
+	return bc, func(m string) {
 		t.Helper()
 		bc.SetDeadline(time.Now().Add(5 * time.Second))
 		if err := bc.WriteMessage([]byte(m)); err != nil {
@@ -1158,6 +1155,16 @@ func TestHostileFramesForAnotherLinksChannel(t *testing.T) {
 			t.Fatalf("node-b's channel: %q, %v", got, err)
 		}
 	}
+}
+
+// TestHostileFramesForAnotherLinksChannel: node-c knows (here: the test
+// reads from node-a's tables) everything about a channel between node-b
+// and node-a, its key included, and sends its frames and control messages
+// over its own link. A channel takes frames only from the link it opened
+// on: all are rejected, and the channel carries on.
+func TestHostileFramesForAnotherLinksChannel(t *testing.T) {
+	e := startHostileEnv(t, true)
+	bc, echoOnce := e.bystander(t)
 	echoOnce("before")
 
 	var target *channel
@@ -1224,27 +1231,7 @@ func endChannels(t *testing.T, c *sinc.Conn, a *testAgent, peer string) {
 // node-c can link again.
 func TestHostileBadControlMessage(t *testing.T) {
 	e := startHostileEnv(t, true)
-	ln, err := (&sinc.ListenConfig{Socket: e.c.Nodes["node-a"].Partitions["db"]}).Listen(ctxT(t), "echo")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	echo(t, ln)
-	bc, err := (&sinc.Dialer{Socket: e.c.Nodes["node-b"].Partitions["x"], Kind: sinc.Message}).DialContext(ctxT(t), "node-a/db/echo")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer bc.Close()
-	echoOnce := func(m string) {
-		t.Helper()
-		bc.SetDeadline(time.Now().Add(5 * time.Second))
-		if err := bc.WriteMessage([]byte(m)); err != nil {
-			t.Fatal(err)
-		}
-		if got, err := bc.ReadMessage(); err != nil || string(got) != m {
-			t.Fatalf("node-b's channel: %q, %v", got, err)
-		}
-	}
+	bc, echoOnce := e.bystander(t)
 	echoOnce("before")
 	lb := e.a.link("node-b")
 
