@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"syscall"
 
 	"sinc.dev/sinc/internal/agent"
@@ -17,6 +18,7 @@ func runAgent(args []string, stdout, stderr io.Writer) error {
 	path := fs.String("config", "", "the agent's config file (required)")
 	format := fs.String("log-format", "text", "log format: text or json")
 	level := fs.String("log-level", "info", "log level: debug, info, warn, error")
+	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of the agent to this file until it stops")
 	if _, err := parse(fs, args, 0); err != nil {
 		return err
 	}
@@ -60,5 +62,16 @@ func runAgent(args []string, stdout, stderr io.Writer) error {
 			a.Reload() // logs what it did
 		}
 	}()
+	if *cpuProfile != "" {
+		f, err := os.Create(*cpuProfile)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		defer pprof.StopCPUProfile()
+	}
 	return a.Run(ctx)
 }

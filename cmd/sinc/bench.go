@@ -23,7 +23,7 @@ func runBench(args []string, stdout, stderr io.Writer) error {
 	only := fs.String("transports", "", "comma-separated subset of tcp,tls,sinc-stream,sinc-message (default all)")
 	jsonOut := fs.Bool("json", false, "print the report as JSON instead of tables")
 	quiet := fs.Bool("quiet", false, "no progress lines on stderr")
-	profDir := fs.String("cpuprofile", "", "write a CPU profile of each worker process (not the agents) into this folder")
+	profDir := fs.String("cpuprofile", "", "write a CPU profile of each worker and agent process into this folder")
 	keep := fs.Bool("keep", false, "keep the temporary folders (configs, logs)")
 	if _, err := parse(fs, args, 0); err != nil {
 		return err

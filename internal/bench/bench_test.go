@@ -250,7 +250,8 @@ func benchEnv(b *testing.B) *Env {
 	sharedOnce.Do(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		defer cancel()
-		shared, sharedErr = StartEnv(ctx, EnvConfig{Bin: bin})
+		// SINC_BENCH_PROFILE names a folder for CPU profiles of every process.
+		shared, sharedErr = StartEnv(ctx, EnvConfig{Bin: bin, ProfileDir: os.Getenv("SINC_BENCH_PROFILE")})
 	})
 	if sharedErr != nil {
 		b.Fatal(sharedErr)

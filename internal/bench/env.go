@@ -18,7 +18,7 @@ type EnvConfig struct {
 	Transports []string // nil: all
 	// Dir is where the Env's temporary folder goes ("" for the system's).
 	Dir string
-	// ProfileDir, if set, gets a CPU profile of each worker process.
+	// ProfileDir, if set, gets a CPU profile of each worker and agent process.
 	ProfileDir string
 	// Keep keeps the temporary folder (certificates, configs, logs).
 	Keep bool
@@ -141,7 +141,11 @@ func (e *Env) startAgents(ctx context.Context) error {
 	}
 	e.cluster = c
 	for _, name := range []string{nodeA, nodeB} {
-		p, err := cluster.Start(e.cfg.Bin, c.Nodes[name])
+		var args []string
+		if e.cfg.ProfileDir != "" {
+			args = []string{"--cpuprofile", filepath.Join(e.cfg.ProfileDir, "agent-"+name+".prof")}
+		}
+		p, err := cluster.StartWith(e.cfg.Bin, c.Nodes[name], []string{os.Getenv("XENV")}, args...)
 		if err != nil {
 			return err
 		}
