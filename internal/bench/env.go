@@ -145,7 +145,7 @@ func (e *Env) startAgents(ctx context.Context) error {
 		if e.cfg.ProfileDir != "" {
 			args = []string{"--cpuprofile", filepath.Join(e.cfg.ProfileDir, "agent-"+name+".prof")}
 		}
-		p, err := cluster.StartWith(e.cfg.Bin, c.Nodes[name], []string{os.Getenv("XENV")}, args...)
+		p, err := cluster.StartWith(e.cfg.Bin, c.Nodes[name], nil, args...)
 		if err != nil {
 			return err
 		}
