@@ -90,7 +90,17 @@ func expiryWarning(c *cert.Certificate, now time.Time) string {
 func (a *Agent) watchLifecycle(ctx context.Context) {
 	t := time.NewTicker(lifecyclePoll)
 	defer t.Stop()
-	var last [2]time.Time
+	modTimes := func() (mt [2]time.Time) {
+		for i, p := range []string{a.cfg.Cert, a.cfg.Key} {
+			if st, err := os.Stat(p); err == nil {
+				mt[i] = st.ModTime()
+			}
+		}
+		return mt
+	}
+	// The files as they were at start: a renewal before the first tick is
+	// a change too.
+	last := modTimes()
 	warned := map[cert.Fingerprint]bool{}
 	for {
 		select {
@@ -98,17 +108,9 @@ func (a *Agent) watchLifecycle(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		var mt [2]time.Time
-		for i, p := range []string{a.cfg.Cert, a.cfg.Key} {
-			if st, err := os.Stat(p); err == nil {
-				mt[i] = st.ModTime()
-			}
-		}
-		if mt != last {
-			if !last[0].IsZero() {
-				if err := a.reloadIdentity(); err != nil {
-					a.log.Error("certificate reload failed; keeping the one in force", "err", err)
-				}
+		if mt := modTimes(); mt != last {
+			if err := a.reloadIdentity(); err != nil {
+				a.log.Error("certificate reload failed; keeping the one in force", "err", err)
 			}
 			last = mt
 		}
