@@ -78,3 +78,35 @@ func BenchmarkMessages64(b *testing.B) {
 	<-done
 	c.Close()
 }
+
+func BenchmarkPingPong64(b *testing.B) {
+	p := startPair(b, channelSpecs)
+	l, err := (&sinc.ListenConfig{Socket: p.sock("node-b", "db")}).Listen(ctxT(b), "echo")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		c, err := l.AcceptSinc()
+		if err != nil {
+			return
+		}
+		io.Copy(c, c)
+		c.Close()
+	}()
+	c, err := (&sinc.Dialer{Socket: p.sock("node-a", "web")}).DialContext(ctxT(b), "node-b/db/echo")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	buf := make([]byte, 64)
+	b.ResetTimer()
+	for range b.N {
+		if _, err := c.Write(buf); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := io.ReadFull(c, buf); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

@@ -75,6 +75,7 @@ type channel struct {
 	sent      uint64     // payload bytes taken from credit
 	peerGrant uint64     // payload bytes the peer allows in all
 	rtx       []rtxFrame // sent and not yet acknowledged, in counter order
+	acked     [][]byte   // frames acknowledged, for recycle
 	finSeq    uint64     // counter of our FIN, once finQueued
 	finQueued bool
 	finAcked  bool
@@ -103,13 +104,15 @@ type rtxFrame struct {
 	frame   []byte
 }
 
-// inItem is one thing to deliver to the process: a frame's payload, a FIN,
-// or the rest of records a direct delivery could not write whole (raw).
+// inItem is one thing to deliver to the process: a frame's payload (data),
+// a FIN, or the rest of a payload a direct delivery could not write whole
+// (raw).
 type inItem struct {
 	data []byte
-	fin  bool
 	raw  []byte
-	rawN struct{ payload, recs, data uint64 } // what raw completes
+	n    int // payload bytes the item completes
+	recs int // records the item completes
+	fin  bool
 }
 
 // carrier takes frames to the peer agent of a channel: the current link to
@@ -161,8 +164,9 @@ func signal(c chan struct{}) {
 // Outbound framing.
 const (
 	// outboundBuffer is what the outbound pump reads from a process at
-	// once: many small records per read, and no more held per channel.
-	outboundBuffer = 4 << 10
+	// once: a full frame of small records per read. Only a channel with
+	// something to send holds one (see outbound).
+	outboundBuffer = 64 << 10
 	// packDirect is the record size from which the pump reads a record
 	// straight into its frame instead of packing records together.
 	packDirect = 8 << 10
@@ -288,7 +292,7 @@ func (ch *channel) pack(br *bufio.Reader, n int) ([]byte, int, error) {
 		return nil, 0, errEnded
 	}
 	if n >= packDirect { // big: straight into the frame
-		frame := make([]byte, wire.DataHeaderLen+prefix+n+wire.TagLen)
+		frame := getFrame(prefix + n)
 		p := frame[wire.DataHeaderLen : wire.DataHeaderLen+prefix+n]
 		if prefix > 0 {
 			binary.BigEndian.PutUint32(p, uint32(n))
@@ -299,9 +303,8 @@ func (ch *channel) pack(br *bufio.Reader, n int) ([]byte, int, error) {
 		ch.bytesOut.Add(uint64(n))
 		return frame, 1, nil
 	}
-	buf := getPackBuf()
-	defer putPackBuf(buf)
-	p := buf[:0]
+	frame := getFrame(wire.MaxPayload)
+	p := frame[wire.DataHeaderLen:wire.DataHeaderLen]
 	recs := 0
 	for {
 		if prefix > 0 {
@@ -310,6 +313,7 @@ func (ch *channel) pack(br *bufio.Reader, n int) ([]byte, int, error) {
 		start := len(p)
 		p = p[:start+n]
 		if _, err := io.ReadFull(br, p[start:]); err != nil {
+			putFrame(frame)
 			return nil, 0, err
 		}
 		recs++
@@ -328,31 +332,62 @@ func (ch *channel) pack(br *bufio.Reader, n int) ([]byte, int, error) {
 		br.Discard(local.RecordHeaderLen)
 		n = n2
 	}
-	frame := make([]byte, wire.DataHeaderLen+len(p)+wire.TagLen)
-	copy(frame[wire.DataHeaderLen:], p)
-	return frame, recs, nil
+	if len(p) > smallFrame {
+		return frame[:wire.DataHeaderLen+len(p)+wire.TagLen], recs, nil
+	}
+	small := getFrame(len(p))
+	copy(small[wire.DataHeaderLen:], p)
+	putFrame(frame)
+	return small, recs, nil
 }
 
 // packTarget is the payload size at which packing stops.
 const packTarget = 64 << 10
 
-// packBufs is a bounded free list of packing buffers.
-var packBufs = make(chan []byte, 64)
+// A frame of more than smallFrame payload bytes is cut from a full-size
+// buffer of the bounded free list frames, and goes back to it once the
+// peer acknowledged it (see recycle); smaller ones are exact allocations,
+// so that many small frames waiting for acknowledgement hold little.
+const smallFrame = 8 << 10
 
-func getPackBuf() []byte {
+var frames = make(chan []byte, 128)
+
+// getFrame returns a data frame for payload bytes, its header and tag not
+// yet written.
+func getFrame(payload int) []byte {
+	n := wire.DataHeaderLen + payload + wire.TagLen
+	if payload <= smallFrame {
+		return make([]byte, n)
+	}
 	select {
-	case b := <-packBufs:
-		return b
+	case b := <-frames:
+		return b[:n]
 	default:
-		return make([]byte, wire.MaxPayload)
+		return make([]byte, n, wire.MaxDataFrame)
 	}
 }
 
-func putPackBuf(b []byte) {
+func putFrame(b []byte) {
+	if cap(b) != wire.MaxDataFrame {
+		return
+	}
 	select {
-	case packBufs <- b:
+	case frames <- b[:0]:
 	default:
 	}
+}
+
+// recycle returns the frames the peer acknowledged to the free list. It is
+// called under txmu: a resend, which also holds it, may still be writing
+// a frame that an acknowledgement has just released.
+func (ch *channel) recycle() {
+	ch.smu.Lock()
+	for i, f := range ch.acked {
+		putFrame(f)
+		ch.acked[i] = nil
+	}
+	ch.acked = ch.acked[:0]
+	ch.smu.Unlock()
 }
 
 // tryCredit takes n bytes of credit if the peer granted them already.
@@ -392,6 +427,7 @@ var errKeysGone = errors.New("channel keys are gone")
 func (ch *channel) send(frame []byte, n int, flags byte) error {
 	ch.txmu.Lock()
 	defer ch.txmu.Unlock()
+	ch.recycle()
 	k := &ch.keys
 	lim := &ch.a.cfg.Limits
 	for {
@@ -526,7 +562,11 @@ func (ch *channel) receive(car carrier, frame []byte) {
 		ch.a.goRun(func() { ch.abort(wire.CodeProtocol, "the peer agent sent past its credit", true) })
 		return
 	}
-	if ch.finIn || (ch.kind == wire.Message && !wire.SplitMessages(pt, local.MaxMessage, nil)) {
+	recs, ok := 1, true
+	if ch.kind == wire.Message {
+		recs, ok = wire.CountMessages(pt, local.MaxMessage)
+	}
+	if ch.finIn || !ok {
 		c.malformed.Add(1)
 		return
 	}
@@ -554,47 +594,25 @@ func (ch *channel) receive(car carrier, frame []byte) {
 		ch.finIn = true
 		ch.inq = append(ch.inq, inItem{fin: true})
 		ch.a.goRun(func() { ch.sendAck(false) }) // so the peer may end its side
-	} else if started && len(ch.inq) == 0 && !ch.delivering && ch.deliverNow(pt) {
+	} else if started && len(ch.inq) == 0 && !ch.delivering && ch.deliverNow(pt, recs) {
 		return // written straight to the process: one hand-off fewer
 	} else {
-		ch.inq = append(ch.inq, inItem{data: pt})
+		ch.inq = append(ch.inq, inItem{data: pt, n: len(pt), recs: recs})
 		keep = true
 	}
 	signal(ch.inqSig)
 }
 
-// deliverNow tries to write a payload's records to the process at once,
-// from the receiving goroutine, without waiting: what the socket does not
-// take now is queued for the inbound pump. It reports whether it took the
-// payload. Called under rmu, with nothing queued before it.
-func (ch *channel) deliverNow(pt []byte) bool {
-	var hdrs [16 * local.RecordHeaderLen]byte
-	iov := make([][]byte, 0, 32)
-	var recs, data uint64
-	ok := true
-	add := func(m []byte) {
-		if len(iov) >= 30 {
-			ok = false // many small messages: the pump batches them better
-			return
-		}
-		h := hdrs[4*len(iov)/2 : 4*len(iov)/2+local.RecordHeaderLen]
-		local.PutRecordHeader(h, local.RecData, len(m))
-		iov = append(iov, h)
-		if len(m) > 0 {
-			iov = append(iov, m)
-		} else {
-			iov = append(iov, nil)
-		}
-		recs++
-		data += uint64(len(m))
-	}
-	if ch.kind == wire.Message {
-		wire.SplitMessages(pt, local.MaxMessage, add)
-	} else {
-		add(pt)
-	}
-	if !ok {
-		return false
+// deliverNow tries to write a payload's recs records to the process at
+// once, from the receiving goroutine, without waiting: what the socket
+// does not take now is queued for the inbound pump. It reports whether it
+// took the payload. Called under rmu, with nothing queued before it.
+func (ch *channel) deliverNow(pt []byte, recs int) bool {
+	var hdr [local.RecordHeaderLen]byte
+	iov := [][]byte{pt} // a message payload is the records (see CountMessages)
+	if ch.kind == wire.Stream {
+		local.PutRecordHeader(hdr[:], local.RecData, len(pt))
+		iov = [][]byte{hdr[:], pt}
 	}
 	rc, err := ch.sock.SyscallConn()
 	if err != nil {
@@ -608,15 +626,11 @@ func (ch *channel) deliverNow(pt []byte) bool {
 	}); err != nil {
 		return false
 	}
-	total := 0
-	for _, b := range iov {
-		total += len(b)
-	}
 	if werr != nil && werr != unix.EAGAIN {
 		return false // the pump meets the error and ends the channel
 	}
 	n = max(n, 0)
-	if n < total {
+	if total := len(hdr)*(len(iov)-1) + len(pt); n < total {
 		var rest []byte
 		for _, b := range iov {
 			if n >= len(b) {
@@ -626,20 +640,26 @@ func (ch *channel) deliverNow(pt []byte) bool {
 			rest = append(rest, b[n:]...)
 			n = 0
 		}
-		it := inItem{raw: rest}
-		it.rawN.payload, it.rawN.recs, it.rawN.data = uint64(len(pt)), recs, data
-		ch.inq = append(ch.inq, it)
+		ch.inq = append(ch.inq, inItem{raw: rest, n: len(pt), recs: recs})
 		signal(ch.inqSig)
 		return true
 	}
-	ch.bytesIn.Add(data)
-	ch.recsIn.Add(recs)
 	ch.delivered += uint64(len(pt))
+	ch.countIn(len(pt), recs)
 	if owed := ch.delivered + uint64(ch.window) - ch.granted; owed >= uint64(ch.window)/4 && !ch.finIn {
 		ch.granted += owed
 		ch.a.goRun(func() { ch.sendAck(false) })
 	}
 	return true
+}
+
+// countIn counts records of a payload of n bytes delivered to the process.
+func (ch *channel) countIn(n, recs int) {
+	if ch.kind == wire.Message {
+		n -= recs * wire.MessageLenSize
+	}
+	ch.bytesIn.Add(uint64(n))
+	ch.recsIn.Add(uint64(recs))
 }
 
 // dataBufs is a bounded free list of buffers for received payloads of the
@@ -685,8 +705,10 @@ func (ch *channel) inbound() {
 		ch.delivering = true
 		ch.rmu.Unlock()
 		bufs, hdrs = bufs[:0], hdrs[:0]
-		var payload, recs, data uint64
-		fin := false
+		// hdrs must not move while bufs points into it.
+		if need := local.RecordHeaderLen * len(items); cap(hdrs) < need {
+			hdrs = make([]byte, 0, need)
+		}
 		record := func(typ byte, b []byte) {
 			hdrs = append(hdrs, 0, 0, 0, 0)
 			h := hdrs[len(hdrs)-local.RecordHeaderLen:]
@@ -696,41 +718,19 @@ func (ch *channel) inbound() {
 				bufs = append(bufs, b)
 			}
 		}
-		// hdrs must not move while bufs points into it.
-		need := 0
+		payload, fin := 0, false
 		for _, it := range items {
-			need += local.RecordHeaderLen
-			if ch.kind == wire.Message {
-				need += local.RecordHeaderLen * (len(it.data) / wire.MessageLenSize)
-			}
-		}
-		if cap(hdrs) < need {
-			hdrs = make([]byte, 0, need)
-		}
-		for _, it := range items {
-			if it.fin {
+			payload += it.n
+			switch {
+			case it.fin:
 				record(local.RecFin, nil)
 				fin = true
-				continue
-			}
-			if it.raw != nil {
+			case it.raw != nil:
 				bufs = append(bufs, it.raw)
-				payload += it.rawN.payload
-				recs += it.rawN.recs
-				data += it.rawN.data
-				continue
-			}
-			payload += uint64(len(it.data))
-			if ch.kind == wire.Message {
-				wire.SplitMessages(it.data, local.MaxMessage, func(m []byte) {
-					record(local.RecData, m)
-					recs++
-					data += uint64(len(m))
-				})
-			} else {
+			case ch.kind == wire.Message: // the payload is the records
+				bufs = append(bufs, it.data)
+			default:
 				record(local.RecData, it.data)
-				recs++
-				data += uint64(len(it.data))
 			}
 		}
 		_, err := bufs.WriteTo(ch.sock)
@@ -744,10 +744,11 @@ func (ch *channel) inbound() {
 			ch.abort(wire.CodeReset, "the destination process closed the channel", true)
 			return
 		}
-		ch.bytesIn.Add(data)
-		ch.recsIn.Add(recs)
+		for _, it := range items {
+			ch.countIn(it.n, it.recs)
+		}
 		if payload > 0 {
-			ch.grant(payload)
+			ch.grant(uint64(payload))
 		}
 		if fin {
 			ch.finDone.Store(true)
@@ -906,7 +907,7 @@ func (ch *channel) end(why *local.Error, tell bool) {
 	ch.inq = nil
 	ch.rmu.Unlock()
 	ch.smu.Lock()
-	ch.rtx = nil
+	ch.rtx, ch.acked = nil, nil // to the garbage collector: a resend may hold them
 	ch.smu.Unlock()
 	close(ch.done)
 	if started {
@@ -1023,6 +1024,8 @@ func (a *Agent) handleCredit(car carrier, m *wire.Credit) {
 	}
 	i := 0
 	for i < len(ch.rtx) && ch.rtx[i].counter < m.Ack {
+		ch.acked = append(ch.acked, ch.rtx[i].frame)
+		ch.rtx[i].frame = nil
 		i++
 	}
 	ch.rtx = ch.rtx[i:]

@@ -137,25 +137,27 @@ func ParseDataHeader(f []byte) (DataHeader, []byte, error) {
 // MessageLenSize is the size of a message's length in a frame.
 const MessageLenSize = 4
 
-// SplitMessages calls f with each message of a message frame's payload, in
-// order, and reports whether the payload was well formed (every length
-// within it and within maxMessage).
-func SplitMessages(p []byte, maxMessage int, f func([]byte)) bool {
+// CountMessages returns the number of messages in a message frame's
+// payload and whether it is well formed: every length within the payload
+// and within maxMessage. A message is its 4-byte big-endian length and its
+// bytes, the same bytes as a data record of the local protocol (whose type
+// byte, data, is 0), so a well-formed payload is also the process's
+// records as they are written.
+func CountMessages(p []byte, maxMessage int) (int, bool) {
+	count := 0
 	for len(p) > 0 {
 		if len(p) < MessageLenSize {
-			return false
+			return count, false
 		}
 		n := int(binary.BigEndian.Uint32(p))
 		p = p[MessageLenSize:]
 		if n > maxMessage || n > len(p) {
-			return false
-		}
-		if f != nil {
-			f(p[:n])
+			return count, false
 		}
 		p = p[n:]
+		count++
 	}
-	return true
+	return count, true
 }
 
 // Nonce returns the AEAD nonce of counter.
