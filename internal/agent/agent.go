@@ -36,6 +36,7 @@ type Agent struct {
 	instance  [link.InstanceSize]byte
 
 	arena     *secret.Arena // protected memory for every key the agent holds
+	poller    *poller       // starts idle channels' outbound pumps; set by Run
 	pending   chan struct{} // one token per handshake in progress
 	accepting chan struct{} // one token per channel accept in progress
 
@@ -189,10 +190,17 @@ func (a *Agent) Run(ctx context.Context) error {
 		ln.Close()
 		return fmt.Errorf("admin socket: %w", err)
 	}
+	if a.poller, err = newPoller(a); err != nil {
+		ln.Close()
+		adm.Close()
+		os.Remove(a.cfg.Admin)
+		return fmt.Errorf("channel poller: %w", err)
+	}
 	if err := a.listenPartitions(); err != nil {
 		ln.Close()
 		adm.Close()
 		os.Remove(a.cfg.Admin)
+		a.poller.close()
 		return err
 	}
 	a.log.Info("agent started", "listen", ln.Addr().String(), "admin", a.cfg.Admin,
@@ -212,6 +220,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	a.goRun(func() { a.watchRevocations(ctx) })
 	a.goRun(func() { a.watchLifecycle(ctx) })
+	a.goRun(a.poller.run)
 
 	<-ctx.Done()
 	a.log.Info("agent stopping")
@@ -228,6 +237,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		ch.abort(wire.CodeAgentGone, "agent "+a.cfg.Node+" is shutting down", true)
 	}
 	a.closeLinks("agent shutting down")
+	a.poller.close()
 	a.wg.Wait()
 	os.Remove(a.cfg.Admin)
 	a.arena.Close()

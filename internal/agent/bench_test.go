@@ -110,3 +110,32 @@ func BenchmarkPingPong64(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkOpenClose: one op is a channel opened through both agents,
+// accepted, and closed, from one opener.
+func BenchmarkOpenClose(b *testing.B) {
+	p := startPair(b, channelSpecs)
+	l, err := (&sinc.ListenConfig{Socket: p.sock("node-b", "db")}).Listen(ctxT(b), "sink")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		for {
+			c, err := l.AcceptSinc()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	d := &sinc.Dialer{Socket: p.sock("node-a", "web")}
+	b.ResetTimer()
+	for range b.N {
+		c, err := d.DialContext(ctxT(b), "node-b/db/sink")
+		if err != nil {
+			b.Fatal(err)
+		}
+		c.Close()
+	}
+}

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -55,7 +56,7 @@ type channel struct {
 	owner   *procRef          // the local process
 	dialed  bool              // the local process opened it (else it accepted it)
 	sock    *net.UnixConn     // the process's data socket
-	rd      io.Reader         // reads sock (after bytes read with the request)
+	pre     *bytes.Reader     // bytes the process sent with its request, or nil
 	carrier carrier           // how frames reach the peer agent
 	window  uint32            // what we grant the peer at a time
 	opened  chan *local.Error // dialing side: the open's outcome (nil: accepted)
@@ -90,8 +91,8 @@ type channel struct {
 	received   uint64 // payload bytes received
 	delivered  uint64 // payload bytes written to the process
 	inq        []inItem
-	inqSig     chan struct{}
-	delivering bool        // the inbound pump is writing what it took from inq
+	delivering bool        // the inbound pump runs (see kickInbound)
+	deliver    bool        // the process has its answer: deliveries may start
 	finIn      bool        // the peer's FIN arrived
 	finDone    atomic.Bool // the peer's FIN was delivered to the process
 
@@ -133,7 +134,6 @@ func (a *Agent) newChannel(kind wire.Kind, part string, owner *procRef, car carr
 		window:    uint32(a.cfg.Limits.Window),
 		done:      make(chan struct{}),
 		creditSig: make(chan struct{}, 1),
-		inqSig:    make(chan struct{}, 1),
 		keys:      keyEntry{rekeySig: make(chan struct{}, 1)},
 	}
 }
@@ -150,8 +150,13 @@ func (ch *channel) start() {
 		ch.closeSocket(why)
 		return
 	}
-	ch.a.goRun(ch.outbound)
-	ch.a.goRun(ch.inbound)
+	ch.rmu.Lock()
+	ch.deliver = true
+	ch.kickInbound()
+	ch.rmu.Unlock()
+	if ch.pre != nil || ch.a.poller.arm(ch) != nil {
+		ch.a.goRun(ch.outbound) // bytes came with the request, or no poller: a pump now
+	}
 }
 
 func signal(c chan struct{}) {
@@ -167,6 +172,11 @@ const (
 	// once: a full frame of small records per read. Only a channel with
 	// something to send holds one (see outbound).
 	outboundBuffer = 64 << 10
+	// pumpLinger is how long an outbound pump waits for the process to
+	// send more before it ends: a busy channel keeps its pump (starting
+	// one through the poller costs a hand-off per message), an idle one
+	// holds none.
+	pumpLinger = 100 * time.Millisecond
 	// packDirect is the record size from which the pump reads a record
 	// straight into its frame instead of packing records together.
 	packDirect = 8 << 10
@@ -185,15 +195,26 @@ func (ch *channel) outbound() {
 		}
 	}()
 	for {
-		if br != nil && br.Buffered() == 0 {
+		if br != nil && br.Buffered() == 0 && (ch.pre == nil || ch.pre.Len() == 0) {
+			// At a record boundary with nothing read ahead: the pump
+			// waits a while for more, and then, on a channel gone idle,
+			// ends; the poller starts one again when the process sends.
 			putReader(br)
 			br = nil
+			if !ch.readable() {
+				ch.sock.SetReadDeadline(time.Now().Add(pumpLinger))
+				ch.waitReadable()
+				ch.sock.SetReadDeadline(time.Time{})
+				if !ch.readable() {
+					if ch.a.poller.arm(ch) == nil {
+						return
+					}
+					ch.waitReadable()
+				}
+			}
 		}
 		if br == nil {
-			if ch.rd == io.Reader(ch.sock) {
-				ch.waitReadable()
-			}
-			br = getReader(ch.rd)
+			br = getReader(ch.reader())
 		}
 		if _, err := io.ReadFull(br, hdr[:]); err != nil {
 			if err == io.EOF { // at a record boundary: the process closed
@@ -244,22 +265,43 @@ func (ch *channel) outbound() {
 
 var errEnded = errors.New("channel ended")
 
-// waitReadable blocks until the process's socket has something to read (or
-// an error, or is closed), without a buffer.
+// reader is what the outbound pump reads: the bytes the process sent with
+// its request, then the socket.
+func (ch *channel) reader() io.Reader {
+	if ch.pre == nil || ch.pre.Len() == 0 {
+		return ch.sock
+	}
+	return io.MultiReader(ch.pre, ch.sock)
+}
+
+// readable reports whether the process's socket has something to read, or
+// an error, or is closed, without waiting.
+func (ch *channel) readable() bool {
+	rc, err := ch.sock.SyscallConn()
+	if err != nil {
+		return true // the read says why
+	}
+	ready := true
+	rc.Control(func(fd uintptr) {
+		p := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		n, err := unix.Poll(p, 0)
+		ready = err != nil || n > 0
+	})
+	return ready
+}
+
+// waitReadable blocks until readable, without a buffer, or until the
+// socket's read deadline.
 func (ch *channel) waitReadable() {
 	rc, err := ch.sock.SyscallConn()
 	if err != nil {
 		return
 	}
-	rc.Read(func(fd uintptr) bool {
-		p := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
-		n, err := unix.Poll(p, 0)
-		return err != nil || n > 0
-	})
+	rc.Read(func(uintptr) bool { return ch.readable() })
 }
 
 // readers is a bounded free list of the outbound pumps' read buffers.
-var readers = make(chan *bufio.Reader, 256)
+var readers = make(chan *bufio.Reader, 64)
 
 func getReader(r io.Reader) *bufio.Reader {
 	select {
@@ -502,7 +544,7 @@ func (ch *channel) receive(car carrier, frame []byte) {
 		return
 	}
 	ch.mu.Lock()
-	st, started := ch.state, ch.started
+	st := ch.state
 	ch.mu.Unlock()
 	if st.status != "open" || car != ch.carrier || h.SrcConn != st.remoteConn || h.DstConn != ch.id {
 		c.wrongIDs.Add(1)
@@ -594,13 +636,13 @@ func (ch *channel) receive(car carrier, frame []byte) {
 		ch.finIn = true
 		ch.inq = append(ch.inq, inItem{fin: true})
 		ch.a.goRun(func() { ch.sendAck(false) }) // so the peer may end its side
-	} else if started && len(ch.inq) == 0 && !ch.delivering && ch.deliverNow(pt, recs) {
+	} else if ch.deliver && len(ch.inq) == 0 && !ch.delivering && ch.deliverNow(pt, recs) {
 		return // written straight to the process: one hand-off fewer
 	} else {
 		ch.inq = append(ch.inq, inItem{data: pt, n: len(pt), recs: recs})
 		keep = true
 	}
-	signal(ch.inqSig)
+	ch.kickInbound()
 }
 
 // deliverNow tries to write a payload's recs records to the process at
@@ -641,7 +683,7 @@ func (ch *channel) deliverNow(pt []byte, recs int) bool {
 			n = 0
 		}
 		ch.inq = append(ch.inq, inItem{raw: rest, n: len(pt), recs: recs})
-		signal(ch.inqSig)
+		ch.kickInbound()
 		return true
 	}
 	ch.delivered += uint64(len(pt))
@@ -688,21 +730,30 @@ func putDataBuf(b []byte) {
 	}
 }
 
+// kickInbound starts the inbound pump if something waits for it and it is
+// not running. Called under rmu.
+func (ch *channel) kickInbound() {
+	if len(ch.inq) > 0 && !ch.delivering && ch.deliver {
+		ch.delivering = true
+		ch.a.goRun(ch.inbound)
+	}
+}
+
 // inbound writes what arrived to the process, as many records as are
-// waiting in one write, and grants credit back.
+// waiting in one write, and grants credit back; it ends when nothing
+// waits, so an idle channel holds no goroutine.
 func (ch *channel) inbound() {
 	var bufs net.Buffers
 	var hdrs []byte
 	for {
-		select {
-		case <-ch.inqSig:
-		case <-ch.done:
-			return
-		}
 		ch.rmu.Lock()
 		items := ch.inq
 		ch.inq = nil
-		ch.delivering = true
+		if len(items) == 0 {
+			ch.delivering = false
+			ch.rmu.Unlock()
+			return
+		}
 		ch.rmu.Unlock()
 		bufs, hdrs = bufs[:0], hdrs[:0]
 		// hdrs must not move while bufs points into it.
@@ -737,10 +788,10 @@ func (ch *channel) inbound() {
 		for _, it := range items {
 			putDataBuf(it.data)
 		}
-		ch.rmu.Lock()
-		ch.delivering = false
-		ch.rmu.Unlock()
 		if err != nil {
+			ch.rmu.Lock()
+			ch.delivering = false
+			ch.rmu.Unlock()
 			ch.abort(wire.CodeReset, "the destination process closed the channel", true)
 			return
 		}

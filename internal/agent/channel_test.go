@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -475,5 +476,69 @@ func TestManyChannelsOneLink(t *testing.T) {
 	close(errs)
 	for err := range errs {
 		t.Error(err)
+	}
+}
+
+// pumps counts the goroutines running a channel's pumps, in every agent of
+// this process.
+func pumps() int {
+	buf := make([]byte, 1<<20)
+	for {
+		n := runtime.Stack(buf, true)
+		if n < len(buf) {
+			buf = buf[:n]
+			break
+		}
+		buf = make([]byte, 2*len(buf))
+	}
+	count := 0
+	for _, g := range bytes.Split(buf, []byte("\n\n")) {
+		if bytes.Contains(g, []byte("agent.(*channel).outbound")) || bytes.Contains(g, []byte("agent.(*channel).inbound")) {
+			count++
+		}
+	}
+	return count
+}
+
+// TestIdleChannelsHoldNoPumps: a channel with nothing to move holds no
+// goroutine in either agent. Sending on it starts its pumps again (the
+// poller sees the process's socket readable), and so does a half-close:
+// the FIN of a channel gone idle still arrives.
+func TestIdleChannelsHoldNoPumps(t *testing.T) {
+	p := startPair(t, channelSpecs)
+	echo(t, p.listen(t, "node-b", "db", "echo"))
+	const n = 40
+	conns := make([]*sinc.Conn, n)
+	for i := range conns {
+		conns[i] = p.mustDial(t, "node-a", "web", "node-b/db/echo", sinc.Message)
+	}
+	idle := func() {
+		t.Helper()
+		eventually(t, 5*time.Second, "no pump left on idle channels", func() bool { return pumps() == 0 })
+	}
+	idle()
+	for round := range 3 {
+		for i, c := range conns {
+			want := fmt.Sprintf("round %d channel %d", round, i)
+			if err := c.WriteMessage([]byte(want)); err != nil {
+				t.Fatal(err)
+			}
+			c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if m, err := c.ReadMessage(); err != nil || string(m) != want {
+				t.Fatalf("round %d channel %d: got %q, %v", round, i, m, err)
+			}
+		}
+		idle()
+	}
+	for _, c := range conns {
+		if err := c.CloseWrite(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i, c := range conns {
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if m, err := c.ReadMessage(); err != io.EOF {
+			t.Fatalf("channel %d after half-close: %q, %v; want EOF", i, m, err)
+		}
 	}
 }

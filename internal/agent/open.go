@@ -1,9 +1,9 @@
 package agent
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"time"
@@ -33,7 +33,7 @@ import (
 
 // dial opens a channel for a process of partition p. On success the channel
 // is running with sock as its data socket; otherwise the error says why.
-func (a *Agent) dial(p *partition, proc *procRef, sock *net.UnixConn, rd io.Reader, req *local.Request) (*channel, *local.Error) {
+func (a *Agent) dial(p *partition, proc *procRef, sock *net.UnixConn, pre *bytes.Reader, req *local.Request) (*channel, *local.Error) {
 	fail := func(code wire.Code, by, format string, args ...any) (*channel, *local.Error) {
 		return nil, &local.Error{Code: code.String(), Message: fmt.Sprintf(format, args...), By: by}
 	}
@@ -75,7 +75,7 @@ func (a *Agent) dial(p *partition, proc *procRef, sock *net.UnixConn, rd io.Read
 	}
 	ch := a.newChannel(kind, p.name, proc, car)
 	ch.dialed = true
-	ch.sock, ch.rd = sock, rd
+	ch.sock, ch.pre = sock, pre
 	ch.opened = make(chan *local.Error, 1)
 	ch.state = chanState{peer: addr.Node, remotePart: addr.Partition, status: "opening"}
 	if err := ch.keys.alloc(a.arena); err != nil {
@@ -291,7 +291,6 @@ func (a *Agent) accept(car carrier, m *wire.Open, p *partition, l *listener) (wi
 	}
 	ch := a.newChannel(m.Kind, p.name, l.proc, car)
 	ch.sock = c.(*net.UnixConn)
-	ch.rd = ch.sock
 	ch.state = chanState{peer: car.name(), remotePart: m.SrcPart, remoteIndex: m.Index, remoteConn: m.Conn, status: "open"}
 	if err := ch.keys.alloc(a.arena); err != nil {
 		unix.Close(fds[1])

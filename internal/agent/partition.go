@@ -260,7 +260,7 @@ func (a *Agent) serveLocal(p *partition, conn *net.UnixConn) {
 
 // readRequest reads the request line. The error is nil on success; an error
 // with an empty code means the process left without a word.
-func readRequest(conn *net.UnixConn, timeout time.Duration) (*local.Request, io.Reader, *local.Error) {
+func readRequest(conn *net.UnixConn, timeout time.Duration) (*local.Request, *bytes.Reader, *local.Error) {
 	bad := func(code wire.Code, msg string) *local.Error { return &local.Error{Code: code.String(), Message: msg} }
 	br := bufio.NewReaderSize(conn, local.MaxRequest)
 	line, err := br.ReadSlice('\n')
@@ -280,12 +280,12 @@ func readRequest(conn *net.UnixConn, timeout time.Duration) (*local.Request, io.
 	if err != nil {
 		return nil, nil, bad(wire.CodeBadRequest, err.Error())
 	}
-	var rd io.Reader = conn
+	var pre *bytes.Reader
 	if n := br.Buffered(); n > 0 { // the process sent channel data at once
 		rest, _ := br.Peek(n)
-		rd = io.MultiReader(bytes.NewReader(bytes.Clone(rest)), conn)
+		pre = bytes.NewReader(bytes.Clone(rest))
 	}
-	return req, rd, nil
+	return req, pre, nil
 }
 
 // listen registers a listener; it reports whether the connection lives on.

@@ -1,0 +1,99 @@
+package agent
+
+import (
+	"errors"
+	"os"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// poller starts a channel's outbound pump when the process's socket has
+// something to read, so that an idle channel holds no goroutine (and no
+// stack): a pump that finds the socket empty at a record boundary arms the
+// socket here and ends. The sockets are in an epoll set of their own, one
+// shot each (armed again only by the pump that ends), level triggered (a
+// socket armed while readable fires at once, so nothing sent between the
+// pump's last read and the arming is missed). The epoll descriptor itself
+// waits in the runtime's poller: no thread blocks on it.
+type poller struct {
+	a  *Agent
+	f  *os.File // the epoll descriptor
+	rc syscall.RawConn
+}
+
+func newPoller(a *Agent) (*poller, error) {
+	fd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, os.NewSyscallError("epoll_create1", err)
+	}
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return nil, os.NewSyscallError("fcntl", err)
+	}
+	f := os.NewFile(uintptr(fd), "epoll")
+	rc, err := f.SyscallConn()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return &poller{a: a, f: f, rc: rc}, nil
+}
+
+// arm asks for ch's outbound pump to be started once its socket is
+// readable (or closed, or in error).
+func (p *poller) arm(ch *channel) error {
+	if p == nil {
+		return errors.New("no channel poller")
+	}
+	src, err := ch.sock.SyscallConn()
+	if err != nil {
+		return err
+	}
+	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT}
+	ev.Fd, ev.Pad = int32(uint32(ch.id)), int32(uint32(ch.id>>32))
+	var cerr error
+	err = src.Control(func(sfd uintptr) {
+		err := p.rc.Control(func(efd uintptr) {
+			cerr = unix.EpollCtl(int(efd), unix.EPOLL_CTL_MOD, int(sfd), &ev)
+			if errors.Is(cerr, unix.ENOENT) {
+				cerr = unix.EpollCtl(int(efd), unix.EPOLL_CTL_ADD, int(sfd), &ev)
+			}
+		})
+		if cerr == nil {
+			cerr = err
+		}
+	})
+	if err != nil {
+		return err
+	}
+	return os.NewSyscallError("epoll_ctl", cerr)
+}
+
+// run starts the pumps of the sockets that became readable, until close.
+func (p *poller) run() {
+	events := make([]unix.EpollEvent, 128)
+	for {
+		var n int
+		var werr error
+		err := p.rc.Read(func(fd uintptr) bool {
+			n, werr = unix.EpollWait(int(fd), events, 0)
+			return n > 0 || (werr != nil && werr != unix.EINTR)
+		})
+		if err != nil {
+			return // closed
+		}
+		if werr != nil {
+			p.a.log.Error("channel poller failed; idle channels will not send", "err", werr)
+			return
+		}
+		for _, ev := range events[:n] {
+			id := uint64(uint32(ev.Fd)) | uint64(uint32(ev.Pad))<<32
+			if ch := p.a.tables.lookupID(id); ch != nil && !ch.ended.Load() {
+				p.a.goRun(ch.outbound)
+			}
+		}
+	}
+}
+
+func (p *poller) close() { p.f.Close() }
