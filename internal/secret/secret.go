@@ -35,7 +35,8 @@ type Arena struct {
 	prot Protection
 
 	mu   sync.Mutex
-	free []int // free slot offsets
+	free []int // free slot offsets, the last taken first (at start, the lowest)
+	top  int   // end of the highest slot ever taken: past it, never written
 }
 
 // ErrFull is returned by Alloc when every slot is taken.
@@ -137,6 +138,7 @@ func (a *Arena) Alloc() ([]byte, error) {
 	}
 	off := a.free[len(a.free)-1]
 	a.free = a.free[:len(a.free)-1]
+	a.top = max(a.top, off+a.slot)
 	return a.mem[off : off+a.slot : off+a.slot], nil
 }
 
@@ -163,7 +165,9 @@ func (a *Arena) Free(b []byte) {
 func (a *Arena) Close() error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	clear(a.mem)
+	// Only what was ever handed out: touching the rest would fault in
+	// pages (costly for memfd_secret) only to zero them.
+	clear(a.mem[:a.top])
 	err := unix.Munmap(a.mem)
 	a.mem, a.free = nil, nil
 	return err
