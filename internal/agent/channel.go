@@ -21,16 +21,21 @@ import (
 
 // A channel's data path, one direction at a time:
 //
-//	process socket → outbound pump: read record → wait for credit → seal with
-//	                 the peer's key → keep in the retransmit buffer → carrier
+//	process socket → outbound pump: read records → wait for credit → pack
+//	                 them into one frame → seal it with the peer's key →
+//	                 keep it in the retransmit buffer → carrier
 //	carrier → receive (HandleData, on the link's reading goroutine): index →
 //	          ids → open with our key → next in order (replay window) →
-//	          credit → queue
-//	queue → inbound pump: write record to the process socket → grant credit
+//	          credit → write to the process socket if it takes it all now,
+//	          else queue
+//	queue → inbound pump: write records to the process socket → grant credit
 //	        and acknowledge (one Credit message carries both)
 //
-// Each channel has its two pumps; the receive step never blocks (credit
-// bounds the queue), so a process that stops reading stalls only its own
+// The pumps run only while there is work: the inbound pump while the queue
+// is not empty, the outbound pump from the process's first byte (the
+// poller starts it) until it has been idle for pumpLinger, so an idle
+// channel holds no goroutine. The receive step never blocks (credit bounds
+// the queue), so a process that stops reading stalls only its own
 // channel. Every sealed frame stays in its sender's retransmit buffer until
 // the receiver acknowledges it, so when a link breaks, the frames it may
 // have lost are sent again on the next link to the same agent (resume), and
