@@ -221,6 +221,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.goRun(func() { a.watchRevocations(ctx) })
 	a.goRun(func() { a.watchLifecycle(ctx) })
 	a.goRun(a.poller.run)
+	a.goRun(func() { a.sweepAEADs(ctx) })
 
 	<-ctx.Done()
 	a.log.Info("agent stopping")
@@ -268,6 +269,26 @@ func (a *Agent) goRun(f func()) {
 		defer a.wg.Done()
 		f()
 	}()
+}
+
+// aeadSweep is how often the channels' AEADs unused since the last sweep
+// are dropped: a channel direction idle for one to two sweeps holds its
+// keys in protected memory only.
+var aeadSweep = time.Second
+
+func (a *Agent) sweepAEADs(ctx context.Context) {
+	t := time.NewTicker(aeadSweep)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		for _, ch := range a.tables.all() {
+			ch.dropIdleAEADs()
+		}
+	}
 }
 
 // Addr-independent helpers for tests and the CLI.

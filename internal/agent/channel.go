@@ -3,6 +3,7 @@ package agent
 import (
 	"bufio"
 	"bytes"
+	"crypto/cipher"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -479,7 +480,7 @@ func (ch *channel) send(frame []byte, n int, flags byte) error {
 	lim := &ch.a.cfg.Limits
 	for {
 		k.mu.Lock()
-		if k.send == nil {
+		if k.slot == nil {
 			k.mu.Unlock()
 			return errKeysGone
 		}
@@ -503,7 +504,7 @@ func (ch *channel) send(frame []byte, n int, flags byte) error {
 	k.sealedB += uint64(n)
 	h.Put(frame, n)
 	nonce := wire.Nonce(h.Counter)
-	k.send.Seal(frame[wire.DataHeaderLen:wire.DataHeaderLen], nonce[:], frame[wire.DataHeaderLen:wire.DataHeaderLen+n], frame[:wire.DataHeaderLen])
+	k.sealer().Seal(frame[wire.DataHeaderLen:wire.DataHeaderLen], nonce[:], frame[wire.DataHeaderLen:wire.DataHeaderLen+n], frame[:wire.DataHeaderLen])
 	k.mu.Unlock()
 	ch.smu.Lock()
 	ch.rtx = append(ch.rtx, rtxFrame{counter: h.Counter, frame: frame})
@@ -560,13 +561,14 @@ func (ch *channel) receive(car carrier, frame []byte) {
 	ch.rmu.Lock()
 	defer ch.rmu.Unlock()
 	k := &ch.keys
-	if k.recv == nil {
+	if k.slot == nil {
 		c.unknownIndex.Add(1) // keys already dropped: the channel is ending
 		return
 	}
-	aead := k.recv
+	var aead cipher.AEAD
 	switch {
 	case h.Epoch == k.recvEpoch:
+		aead = k.opener()
 	case k.old != nil && h.Epoch == k.oldEpoch: // sealed before the sender took the new key
 		aead = k.old
 	default:
@@ -894,7 +896,7 @@ func (a *Agent) handleRekey(car carrier, m *wire.Rekey) {
 	case k.slot == nil || m.Epoch == k.sendEpoch: // gone, or sent again on a resume
 	case m.Epoch == k.sendEpoch+1:
 		copy(k.sendKey(), m.Key[:])
-		k.send = newGCM(k.sendKey())
+		k.send = nil // made again, with the new key, by the next seal
 		k.sendEpoch, k.sealed, k.sealedB = m.Epoch, 0, 0
 		tellKey("channel send", k.sendKey())
 		signal(k.rekeySig)

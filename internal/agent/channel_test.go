@@ -2,6 +2,7 @@ package agent
 
 import (
 	"bytes"
+	"crypto/cipher"
 	"crypto/sha256"
 	"encoding/json"
 	"errors"
@@ -500,11 +501,31 @@ func pumps() int {
 	return count
 }
 
-// TestIdleChannelsHoldNoPumps: a channel with nothing to move holds no
-// goroutine in either agent. Sending on it starts its pumps again (the
-// poller sees the process's socket readable), and so does a half-close:
-// the FIN of a channel gone idle still arrives.
-func TestIdleChannelsHoldNoPumps(t *testing.T) {
+// aeads counts the AEADs an agent's channels hold.
+func aeads(a *testAgent) int {
+	count := 0
+	for _, ch := range a.tables.all() {
+		ch.rmu.Lock()
+		ch.keys.mu.Lock()
+		for _, x := range []cipher.AEAD{ch.keys.send, ch.keys.recv, ch.keys.old} {
+			if x != nil {
+				count++
+			}
+		}
+		ch.keys.mu.Unlock()
+		ch.rmu.Unlock()
+	}
+	return count
+}
+
+// TestIdleChannelsHoldNoPumpsNorAEADs: a channel with nothing to move
+// holds no goroutine and no AEAD in either agent, only its keys. Sending on
+// it starts its pumps again (the poller sees the process's socket
+// readable) and makes its AEADs from the keys; a half-close of a channel
+// gone idle is seen too.
+func TestIdleChannelsHoldNoPumpsNorAEADs(t *testing.T) {
+	defer func(d time.Duration) { aeadSweep = d }(aeadSweep)
+	aeadSweep = 50 * time.Millisecond
 	p := startPair(t, channelSpecs)
 	echo(t, p.listen(t, "node-b", "db", "echo"))
 	const n = 40
@@ -515,6 +536,7 @@ func TestIdleChannelsHoldNoPumps(t *testing.T) {
 	idle := func() {
 		t.Helper()
 		eventually(t, 5*time.Second, "no pump left on idle channels", func() bool { return pumps() == 0 })
+		eventually(t, 5*time.Second, "no AEAD left on idle channels", func() bool { return aeads(p.a)+aeads(p.b) == 0 })
 	}
 	idle()
 	for round := range 3 {
@@ -527,6 +549,9 @@ func TestIdleChannelsHoldNoPumps(t *testing.T) {
 			if m, err := c.ReadMessage(); err != nil || string(m) != want {
 				t.Fatalf("round %d channel %d: got %q, %v", round, i, m, err)
 			}
+		}
+		if n := aeads(p.a) + aeads(p.b); n == 0 {
+			t.Fatal("no AEAD on channels in use") // the count would prove nothing
 		}
 		idle()
 	}

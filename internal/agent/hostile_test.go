@@ -1184,7 +1184,7 @@ func TestHostileFramesForAnotherLinksChannel(t *testing.T) {
 	// node-a's own AEAD for frames to it on that channel: a frame sealed
 	// with it is as good as one node-b sealed.
 	target.keys.mu.Lock()
-	recv := target.keys.recv
+	recv := newGCM(target.keys.recvKey())
 	target.keys.mu.Unlock()
 	ch, conn := e.accepted(t)
 	s := stats(t, e.a)

@@ -158,16 +158,21 @@ type chanState struct {
 	status      string // opening, open, closing
 }
 
-// keyEntry is a channel's row in the key table. send seals frames to the
-// peer with the key the peer chose; recv opens frames to us with the key we
-// chose. The raw keys are kept only to be zeroed.
+// keyEntry is a channel's row in the key table. The keys live in protected
+// memory (slot): the send key, which the peer chose, seals frames to the
+// peer; the receive key, which we chose, opens frames to us. Their AEADs
+// (send, recv) are made on first use and dropped when a sweep finds them
+// unused since the last (dropIdleAEADs): an AES-GCM's expanded key takes
+// about 750 bytes of heap, which two AEADs per channel would hold in every
+// idle channel of both agents.
 type keyEntry struct {
 	mu        sync.Mutex // guards the sending fields and slot (the sending pump, rekeys, close)
 	arena     *secret.Arena
 	slot      []byte // protected memory: send key, receive key, retiring receive key
 	zeroized  bool
 	sendEpoch uint16
-	send      cipher.AEAD
+	send      cipher.AEAD // nil until used (see sealer)
+	sendUsed  bool        // since the last sweep
 	sendCtr   uint64
 	sealed    uint64 // frames sealed under sendEpoch
 	sealedB   uint64 // payload bytes sealed under sendEpoch
@@ -175,7 +180,8 @@ type keyEntry struct {
 
 	// receiving side, guarded by channel.rmu
 	recvEpoch uint16
-	recv      cipher.AEAD
+	recv      cipher.AEAD // nil until used (see opener)
+	recvUsed  bool        // since the last sweep
 	recvSince time.Time
 	opened    uint64 // frames opened under recvEpoch
 	openedB   uint64
@@ -203,14 +209,14 @@ func (k *keyEntry) setSend(key []byte) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	copy(k.sendKey(), key)
-	k.send = newGCM(k.sendKey())
+	k.send = nil
 	tellKey("channel send", k.sendKey())
 }
 
 // pickRecv chooses a fresh random key for traffic to us.
 func (k *keyEntry) pickRecv() {
 	rand.Read(k.recvKey())
-	k.recv = newGCM(k.recvKey())
+	k.recv = nil
 	k.recvSince = time.Now()
 	tellKey("channel receive", k.recvKey())
 }
@@ -223,6 +229,9 @@ func (k *keyEntry) rotateRecv() {
 	copy(k.oldKey(), k.recvKey())
 	k.mu.Unlock()
 	k.old, k.oldEpoch = k.recv, k.recvEpoch
+	if k.old == nil {
+		k.old = newGCM(k.oldKey())
+	}
 	k.recvEpoch++
 	k.opened, k.openedB = 0, 0
 	k.pickRecv()
@@ -237,6 +246,53 @@ func (k *keyEntry) retireOld() {
 	}
 	k.mu.Unlock()
 	k.old = nil
+}
+
+// sealer returns the AEAD that seals frames to the peer, made now if
+// need be, or nil once the keys are gone. Called under k.mu.
+func (k *keyEntry) sealer() cipher.AEAD {
+	if k.slot == nil {
+		return nil
+	}
+	if k.send == nil {
+		k.send = newGCM(k.sendKey())
+	}
+	k.sendUsed = true
+	return k.send
+}
+
+// opener returns the AEAD that opens frames to us under recvEpoch, made
+// now if need be, or nil once the keys are gone. Called under
+// channel.rmu, which the keys are dropped under too.
+func (k *keyEntry) opener() cipher.AEAD {
+	if k.slot == nil {
+		return nil
+	}
+	if k.recv == nil {
+		k.recv = newGCM(k.recvKey())
+	}
+	k.recvUsed = true
+	return k.recv
+}
+
+// dropIdleAEADs drops the AEADs not used since the last call; the keys
+// stay, and the next frame makes its AEAD again. The retiring receive
+// AEAD of a rotation under way stays: the rotation ends with the peer's
+// first frame under the new key.
+func (ch *channel) dropIdleAEADs() {
+	k := &ch.keys
+	k.mu.Lock()
+	if !k.sendUsed {
+		k.send = nil
+	}
+	k.sendUsed = false
+	k.mu.Unlock()
+	ch.rmu.Lock()
+	if !k.recvUsed {
+		k.recv = nil
+	}
+	k.recvUsed = false
+	ch.rmu.Unlock()
 }
 
 func newGCM(k []byte) cipher.AEAD {
