@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bufio"
 	"bytes"
 	"crypto/cipher"
 	"crypto/sha256"
@@ -17,6 +18,7 @@ import (
 
 	"sinc.dev/sinc"
 	"sinc.dev/sinc/internal/cluster"
+	"sinc.dev/sinc/internal/wire"
 )
 
 // TestStreamAcrossNodes: 1 MiB of random data crosses a stream channel
@@ -565,5 +567,53 @@ func TestIdleChannelsHoldNoPumpsNorAEADs(t *testing.T) {
 		if m, err := c.ReadMessage(); err != io.EOF {
 			t.Fatalf("channel %d after half-close: %q, %v; want EOF", i, m, err)
 		}
+	}
+}
+
+// TestFreeListsAreBounded: the data path's free lists (full-size frames,
+// read buffers, receive buffers) keep at most their capacity, drop the
+// rest to the garbage collector, and hand back what they kept; a small
+// frame never goes in.
+func TestFreeListsAreBounded(t *testing.T) {
+	drain := func() {
+		for len(frames) > 0 {
+			<-frames
+		}
+		for len(readers) > 0 {
+			<-readers
+		}
+		for len(dataBufs) > 0 {
+			<-dataBufs
+		}
+	}
+	drain()
+	defer drain()
+	putFrame(getFrame(smallFrame)) // exact size: not kept
+	if len(frames) != 0 {
+		t.Fatalf("a small frame went into the free list")
+	}
+	var held [][]byte
+	for range cap(frames) + 10 {
+		held = append(held, make([]byte, 0, wire.MaxDataFrame))
+	}
+	for _, f := range held {
+		putFrame(f)
+	}
+	if len(frames) != cap(frames) {
+		t.Fatalf("frame free list holds %d, want its bound %d", len(frames), cap(frames))
+	}
+	if f := getFrame(smallFrame + 1); len(f) != wire.DataHeaderLen+smallFrame+1+wire.TagLen || &f[:1][0] != &held[0][:1][0] {
+		t.Fatalf("getFrame did not reuse the first frame kept (len %d)", len(f))
+	}
+	for range cap(readers) + 10 {
+		putReader(bufio.NewReaderSize(nil, outboundBuffer))
+	}
+	for range cap(dataBufs) + 10 {
+		putDataBuf(make([]byte, 0, wire.MaxPayload))
+	}
+	putDataBuf(make([]byte, 10)) // not the full size: not kept
+	if len(readers) != cap(readers) || len(dataBufs) != cap(dataBufs) {
+		t.Fatalf("free lists hold %d readers (bound %d), %d receive buffers (bound %d)",
+			len(readers), cap(readers), len(dataBufs), cap(dataBufs))
 	}
 }
