@@ -207,9 +207,9 @@ func TestThousandChannelsThreeNodes(t *testing.T) {
 		t.Fatalf("delivered %d messages, want %d", res.Delivered, 1000*1000)
 	}
 	// Each agent ends about 667 channels; each holds at most a window of
-	// received data and a window of unacknowledged sent data (256 KiB each
+	// received data and a window of unacknowledged sent data (512 KiB each
 	// by default), over a base of 64 MiB.
-	bound := 64<<10 + 667*2*256
+	bound := 64<<10 + 667*2*512
 	for i, kib := range peak {
 		if kib > bound {
 			t.Errorf("agent %s peaked at %d KiB, over its bound of %d KiB", names[i], kib, bound)

@@ -95,7 +95,7 @@ type channel struct {
 	asked      uint64 // 1 + the value of next at which we last asked for a resend
 	granted    uint64 // payload bytes granted to the peer in all
 	received   uint64 // payload bytes received
-	delivered  uint64 // payload bytes written to the process
+	deliveredB uint64 // payload bytes written to the process
 	inq        []inItem
 	delivering bool        // the inbound pump runs (see kickInbound)
 	deliver    bool        // the process has its answer: deliveries may start
@@ -693,10 +693,8 @@ func (ch *channel) deliverNow(pt []byte, recs int) bool {
 		ch.kickInbound()
 		return true
 	}
-	ch.delivered += uint64(len(pt))
 	ch.countIn(len(pt), recs)
-	if owed := ch.delivered + uint64(ch.window) - ch.granted; owed >= uint64(ch.window)/4 && !ch.finIn {
-		ch.granted += owed
+	if ch.delivered(uint64(len(pt))) {
 		ch.a.goRun(func() { ch.sendAck(false) })
 	}
 	return true
@@ -815,19 +813,30 @@ func (ch *channel) inbound() {
 	}
 }
 
-// grant returns credit to the peer for n delivered bytes, in batches of a
-// quarter window.
+// grant returns credit to the peer for n delivered bytes (see delivered).
 func (ch *channel) grant(n uint64) {
 	ch.rmu.Lock()
-	ch.delivered += n
-	owed := ch.delivered + uint64(ch.window) - ch.granted
-	if owed < uint64(ch.window)/4 || ch.finIn { // after its FIN the peer sends nothing more
-		ch.rmu.Unlock()
-		return
+	due := ch.delivered(n)
+	ch.rmu.Unlock()
+	if due {
+		ch.sendAck(false)
+	}
+}
+
+// delivered counts n bytes written to the process and reports whether
+// credit is due: it goes back in batches of half a window, so that a bulk
+// transfer costs a Credit message (a write on the link) per half window
+// rather than per frame, while the sender still has the other half to
+// send meanwhile. After its FIN the peer sends nothing more. Called under
+// rmu.
+func (ch *channel) delivered(n uint64) bool {
+	ch.deliveredB += n
+	owed := ch.deliveredB + uint64(ch.window) - ch.granted
+	if owed < uint64(ch.window)/2 || ch.finIn {
+		return false
 	}
 	ch.granted += owed
-	ch.rmu.Unlock()
-	ch.sendAck(false)
+	return true
 }
 
 // sendAck sends the receiving side's state: credit granted, frames had, and

@@ -353,7 +353,7 @@ func TestStalledReaderStallsOnlyItsChannel(t *testing.T) {
 		t.Fatal("stalled channel not found")
 	}
 	ch.rmu.Lock()
-	held2 := ch.received - ch.delivered
+	held2 := ch.received - ch.deliveredB
 	queued := 0
 	for _, it := range ch.inq {
 		queued += len(it.data)

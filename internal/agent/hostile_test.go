@@ -1064,7 +1064,7 @@ func TestHostileCreditOverrun(t *testing.T) {
 		return nch.received == total
 	})
 	nch.rmu.Lock()
-	received, grantedA, delivered := nch.received, nch.granted, nch.delivered
+	received, grantedA, delivered := nch.received, nch.granted, nch.deliveredB
 	nch.rmu.Unlock()
 	if grantedA != allowed || delivered >= received {
 		t.Fatalf("node-a: granted %d (hostile told %d), delivered %d of %d received: not stalled", grantedA, allowed, delivered, received)

@@ -31,7 +31,7 @@
 //	channels_per_process = 1024
 //	listeners_per_partition = 256
 //	pending_requests = 64            # per partition socket
-//	window = 262144                  # bytes in flight per channel direction
+//	window = 524288                  # bytes in flight per channel direction
 //
 //	[partitions.web]
 //	socket = "/run/sinc/node-a/web.sock"
@@ -156,7 +156,7 @@ var (
 		ChannelsPerProcess:    1024,
 		ListenersPerPartition: 256,
 		PendingRequests:       64,
-		Window:                256 << 10,
+		Window:                512 << 10,
 		RekeyFrames:           1 << 30,
 		RotateFrames:          1 << 24,
 		RotateBytes:           1 << 34,

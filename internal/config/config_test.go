@@ -182,7 +182,7 @@ func TestParseDefaults(t *testing.T) {
 	want := config.Timers{Handshake: 5 * time.Second, Keepalive: 5 * time.Second, DeadAfter: 15 * time.Second,
 		DialMin: 200 * time.Millisecond, DialMax: 30 * time.Second, Open: 5 * time.Second, Request: 5 * time.Second, Grace: 30 * time.Second, Rekey: 2 * time.Minute, Rotate: 10 * time.Minute}
 	wantLimits := config.Limits{PendingHandshakes: 256, Channels: 16384, ChannelsPerPartition: 8192, ChannelsPerProcess: 1024,
-		ListenersPerPartition: 256, PendingRequests: 64, Window: 262144,
+		ListenersPerPartition: 256, PendingRequests: 64, Window: 524288,
 		RekeyFrames: 1 << 30, RotateFrames: 1 << 24, RotateBytes: 1 << 34}
 	if config.DefaultTimers != want || config.DefaultLimits != wantLimits {
 		t.Errorf("defaults changed: %+v %+v", config.DefaultTimers, config.DefaultLimits)
