@@ -40,8 +40,9 @@ type Agent struct {
 	pending   chan struct{} // one token per handshake in progress
 	accepting chan struct{} // one token per channel accept in progress
 
-	mu    sync.Mutex
-	peers map[string]*peer
+	mu       sync.Mutex
+	peers    map[string]*peer
+	stopping bool // closeLinks ran: no new link is taken
 
 	partitions map[string]*partition // fixed after start
 	self       *selfCarrier

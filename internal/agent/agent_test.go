@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -145,7 +146,8 @@ func (ta *testAgent) stop(t testing.TB) {
 		}
 		ta.done <- err // later calls return at once
 	case <-time.After(10 * time.Second):
-		t.Fatalf("agent %s did not stop", ta.node.Name)
+		buf := make([]byte, 4<<20)
+		t.Fatalf("agent %s did not stop; goroutines:\n%s", ta.node.Name, buf[:runtime.Stack(buf, true)])
 	}
 	if t.Failed() {
 		t.Logf("log of %s:\n%s", ta.node.Name, ta.log)

@@ -70,6 +70,9 @@ func (a *Agent) initiatorName(l *link.Link) string {
 func (a *Agent) register(l *link.Link) (reason string, ok bool) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	if a.stopping {
+		return "agent " + a.cfg.Node + " is shutting down", false
+	}
 	p := a.peers[l.Peer().Name]
 	if cur := p.link; cur != nil {
 		if cur.PeerInstance() == l.PeerInstance() {
@@ -130,6 +133,7 @@ func (a *Agent) retire(p *peer, l *link.Link) {
 
 func (a *Agent) closeLinks(reason string) {
 	a.mu.Lock()
+	a.stopping = true // a handshake that ends after this is refused (register)
 	var ls []*link.Link
 	for _, p := range a.peers {
 		if p.link != nil {
