@@ -353,33 +353,44 @@ func (ch *channel) pack(br *bufio.Reader, n int) ([]byte, int, error) {
 	}
 	frame := getFrame(wire.MaxPayload)
 	p := frame[wire.DataHeaderLen:wire.DataHeaderLen]
-	recs := 0
-	for {
-		if prefix > 0 {
-			p = binary.BigEndian.AppendUint32(p, uint32(n))
-		}
-		start := len(p)
-		p = p[:start+n]
-		if _, err := io.ReadFull(br, p[start:]); err != nil {
-			putFrame(frame)
-			return nil, 0, err
-		}
-		recs++
-		ch.bytesOut.Add(uint64(n))
-		// The next record, if it is here whole, fits, and has credit.
-		if br.Buffered() < local.RecordHeaderLen {
-			break
-		}
-		h, _ := br.Peek(local.RecordHeaderLen)
-		typ, n2, err := local.ParseRecordHeader(h)
-		if err != nil || typ != local.RecData || (n2 == 0 && prefix == 0) ||
-			br.Buffered() < local.RecordHeaderLen+n2 || len(p)+prefix+n2 > packTarget ||
-			!ch.tryCredit(prefix+n2) {
-			break
-		}
-		br.Discard(local.RecordHeaderLen)
-		n = n2
+	if prefix > 0 {
+		p = binary.BigEndian.AppendUint32(p, uint32(n))
 	}
+	p = p[:len(p)+n]
+	if _, err := io.ReadFull(br, p[len(p)-n:]); err != nil {
+		putFrame(frame)
+		return nil, 0, err
+	}
+	// Then the data records already here whole, while they fit the frame
+	// and the credit. A message record is, byte for byte, the message as
+	// the payload carries it (see wire.CountMessages): a run of them is
+	// copied at once.
+	credit := ch.creditLeft()
+	buf, _ := br.Peek(br.Buffered())
+	base, off, taken, data, recs := len(p), 0, 0, n, 1
+	for off+local.RecordHeaderLen <= len(buf) {
+		typ, n2, err := local.ParseRecordHeader(buf[off:])
+		if err != nil || typ != local.RecData || (n2 == 0 && prefix == 0) {
+			break // the pump reads it next, and ends the channel if it is bad
+		}
+		end := off + local.RecordHeaderLen + n2
+		if end > len(buf) || base+taken+prefix+n2 > packTarget || uint64(taken+prefix+n2) > credit {
+			break
+		}
+		if prefix == 0 {
+			p = append(p, buf[off+local.RecordHeaderLen:end]...)
+		}
+		taken += prefix + n2
+		data += n2
+		recs++
+		off = end
+	}
+	if prefix > 0 {
+		p = append(p, buf[:off]...)
+	}
+	br.Discard(off)
+	ch.takeCredit(taken)
+	ch.bytesOut.Add(uint64(data))
 	if len(p) > smallFrame {
 		return frame[:wire.DataHeaderLen+len(p)+wire.TagLen], recs, nil
 	}
@@ -438,15 +449,19 @@ func (ch *channel) recycle() {
 	ch.smu.Unlock()
 }
 
-// tryCredit takes n bytes of credit if the peer granted them already.
-func (ch *channel) tryCredit(n int) bool {
+// creditLeft returns the credit the peer granted that is not yet taken.
+// Only the outbound pump takes credit, so it stays at least this much.
+func (ch *channel) creditLeft() uint64 {
 	ch.smu.Lock()
 	defer ch.smu.Unlock()
-	if ch.peerGrant-ch.sent < uint64(n) {
-		return false
-	}
+	return ch.peerGrant - ch.sent
+}
+
+// takeCredit takes n bytes of the credit creditLeft returned.
+func (ch *channel) takeCredit(n int) {
+	ch.smu.Lock()
 	ch.sent += uint64(n)
-	return true
+	ch.smu.Unlock()
 }
 
 // waitCredit takes n bytes of credit, waiting for the peer to grant them.
