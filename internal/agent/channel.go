@@ -130,6 +130,15 @@ type carrier interface {
 	sendData(frame []byte) error
 }
 
+// setSocket gives the channel the process's data socket. Its send buffer
+// is sized to hold the window, so that what the peer may send us in one
+// go can be written to the process at once (deliverNow) rather than in
+// pieces by the inbound pump; the kernel clamps it to net.core.wmem_max.
+func (ch *channel) setSocket(sock *net.UnixConn, pre *bytes.Reader) {
+	ch.sock, ch.pre = sock, pre
+	sock.SetWriteBuffer(int(ch.window))
+}
+
 func (a *Agent) newChannel(kind wire.Kind, part string, owner *procRef, car carrier) *channel {
 	return &channel{
 		a:         a,

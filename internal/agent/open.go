@@ -75,7 +75,7 @@ func (a *Agent) dial(p *partition, proc *procRef, sock *net.UnixConn, pre *bytes
 	}
 	ch := a.newChannel(kind, p.name, proc, car)
 	ch.dialed = true
-	ch.sock, ch.pre = sock, pre
+	ch.setSocket(sock, pre)
 	ch.opened = make(chan *local.Error, 1)
 	ch.state = chanState{peer: addr.Node, remotePart: addr.Partition, status: "opening"}
 	if err := ch.keys.alloc(a.arena); err != nil {
@@ -290,7 +290,7 @@ func (a *Agent) accept(car carrier, m *wire.Open, p *partition, l *listener) (wi
 		return wire.CodeInternal, "socket: " + err.Error()
 	}
 	ch := a.newChannel(m.Kind, p.name, l.proc, car)
-	ch.sock = c.(*net.UnixConn)
+	ch.setSocket(c.(*net.UnixConn), nil)
 	ch.state = chanState{peer: car.name(), remotePart: m.SrcPart, remoteIndex: m.Index, remoteConn: m.Conn, status: "open"}
 	if err := ch.keys.alloc(a.arena); err != nil {
 		unix.Close(fds[1])
