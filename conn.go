@@ -1,7 +1,6 @@
 package sinc
 
 import (
-	"bufio"
 	"encoding/json"
 	"errors"
 	"io"
@@ -22,7 +21,7 @@ type Conn struct {
 	remote Addr
 
 	rmu    sync.Mutex
-	br     *bufio.Reader
+	br     *recvBuffer
 	remain int   // bytes left of the data record being read (stream)
 	rerr   error // sticky: the read side's end
 
@@ -32,12 +31,16 @@ type Conn struct {
 	closed bool
 }
 
-func newConn(c *net.UnixConn, kind Kind, info *local.Conn, remote Addr) *Conn {
-	cn := &Conn{c: c, kind: kind, remote: remote, br: bufio.NewReaderSize(c, 16<<10)}
+func newConn(c *net.UnixConn, kind Kind, info *local.Conn, remote Addr) (*Conn, error) {
+	br, err := newRecvBuffer(c)
+	if err != nil {
+		return nil, err
+	}
+	cn := &Conn{c: c, kind: kind, remote: remote, br: br}
 	if info != nil {
 		cn.info = *info
 	}
-	return cn
+	return cn, nil
 }
 
 // Info returns the channel's connection table row as it was when the
@@ -130,7 +133,7 @@ func (c *Conn) readMessage(p []byte) (int, error) {
 		return 0, c.rerr
 	}
 	if n > len(p) {
-		if _, err := c.br.Discard(n); err != nil {
+		if err := c.br.Discard(n); err != nil {
 			c.rerr = c.opErr("read", err)
 			return 0, c.rerr
 		}

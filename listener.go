@@ -62,7 +62,12 @@ func (l *Listener) AcceptSinc() (*Conn, error) {
 	if n.Conn != nil {
 		remote = Addr(n.Conn.RemoteNode + "/" + n.Conn.RemotePartition)
 	}
-	return newConn(fc.(*net.UnixConn), kind, n.Conn, remote), nil
+	c, err := newConn(fc.(*net.UnixConn), kind, n.Conn, remote)
+	if err != nil {
+		fc.Close()
+		return nil, &OpError{Op: "accept", Addr: l.addr.String(), Err: err}
+	}
+	return c, nil
 }
 
 // Close stops listening; channels already accepted go on.

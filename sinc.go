@@ -278,7 +278,12 @@ func (d *Dialer) DialContext(ctx context.Context, addr string) (*Conn, error) {
 	if err != nil {
 		return nil, &OpError{Op: "dial", Addr: addr, Err: err}
 	}
-	return newConn(c, d.Kind, resp.Conn, Addr(addr)), nil
+	cn, err := newConn(c, d.Kind, resp.Conn, Addr(addr))
+	if err != nil {
+		c.Close()
+		return nil, &OpError{Op: "dial", Addr: addr, Err: err}
+	}
+	return cn, nil
 }
 
 // Connections lists the connection table rows of the partition of socket

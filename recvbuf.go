@@ -1,0 +1,152 @@
+package sinc
+
+import (
+	"errors"
+	"io"
+	"net"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// recvSize is the size of a channel's receive buffer.
+const recvSize = 16 << 10
+
+// recvBuffer reads a channel socket through a buffer that it holds only
+// while the buffer has bytes in it: a channel waiting for data holds none
+// (thousands of idle channels in a process would otherwise hold 16 KiB
+// each). Buffers come from a bounded free list. Not safe for concurrent
+// use: Conn's read lock guards it.
+type recvBuffer struct {
+	rc   syscall.RawConn
+	buf  []byte // nil while empty
+	r, w int
+}
+
+func newRecvBuffer(c *net.UnixConn) (*recvBuffer, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	return &recvBuffer{rc: rc}, nil
+}
+
+var recvBufs = make(chan []byte, 64)
+
+func getRecvBuf() []byte {
+	select {
+	case b := <-recvBufs:
+		return b
+	default:
+		return make([]byte, recvSize)
+	}
+}
+
+func putRecvBuf(buf []byte) {
+	select {
+	case recvBufs <- buf:
+	default:
+	}
+}
+
+func (b *recvBuffer) release() {
+	if b.buf != nil {
+		putRecvBuf(b.buf)
+	}
+	b.buf, b.r, b.w = nil, 0, 0
+}
+
+// read reads from the socket into p, waiting (in the runtime's poller, with
+// the socket's read deadline) until something is there. If p is nil it
+// reads into a buffer from the free list, taken only once the socket is
+// readable, and returns that.
+func (b *recvBuffer) read(p []byte) ([]byte, int, error) {
+	var n int
+	var rerr error
+	err := b.rc.Read(func(fd uintptr) bool {
+		q := p
+		if q == nil {
+			q = getRecvBuf()
+		}
+		for {
+			n, rerr = unix.Read(int(fd), q)
+			if rerr != unix.EINTR {
+				break
+			}
+		}
+		if rerr == unix.EAGAIN {
+			if p == nil {
+				putRecvBuf(q) // nothing to read: wait without a buffer
+			}
+			return false
+		}
+		if p == nil {
+			p = q
+		}
+		return true
+	})
+	if err != nil {
+		return p, 0, err // a deadline, or closed
+	}
+	if rerr != nil {
+		return p, 0, &net.OpError{Op: "read", Net: "unix", Err: rerr}
+	}
+	if n == 0 {
+		return p, 0, io.EOF
+	}
+	return p, n, nil
+}
+
+// Read reads buffered bytes, or from the socket: straight into p when p
+// is at least a buffer long, else through a buffer.
+func (b *recvBuffer) Read(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	if b.buf == nil {
+		if len(p) >= recvSize {
+			_, n, err := b.read(p)
+			return n, err
+		}
+		buf, n, err := b.read(nil)
+		if err != nil {
+			if buf != nil {
+				b.buf = buf
+				b.release()
+			}
+			return 0, err
+		}
+		b.buf, b.r, b.w = buf, 0, n
+	}
+	n := copy(p, b.buf[b.r:b.w])
+	b.r += n
+	if b.r == b.w {
+		b.release()
+	}
+	return n, nil
+}
+
+// Discard skips n bytes.
+func (b *recvBuffer) Discard(n int) error {
+	var scratch [512]byte
+	for n > 0 {
+		if b.buf != nil {
+			d := min(n, b.w-b.r)
+			b.r += d
+			n -= d
+			if b.r == b.w {
+				b.release()
+			}
+			continue
+		}
+		m, err := b.Read(scratch[:min(n, len(scratch))])
+		n -= m
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				return io.ErrUnexpectedEOF
+			}
+			return err
+		}
+	}
+	return nil
+}
