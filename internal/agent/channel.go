@@ -9,6 +9,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -216,16 +217,14 @@ func (ch *channel) outbound() {
 			// ends; the poller starts one again when the process sends.
 			putReader(br)
 			br = nil
-			if !ch.readable() {
-				ch.sock.SetReadDeadline(time.Now().Add(pumpLinger))
-				ch.waitReadable()
-				ch.sock.SetReadDeadline(time.Time{})
-				if !ch.readable() {
-					if ch.a.poller.arm(ch) == nil {
-						return
-					}
-					ch.waitReadable()
+			ch.sock.SetReadDeadline(time.Now().Add(pumpLinger))
+			idle := ch.waitReadable()
+			ch.sock.SetReadDeadline(time.Time{})
+			if idle {
+				if ch.a.poller.arm(ch) == nil {
+					return
 				}
+				ch.waitReadable()
 			}
 		}
 		if br == nil {
@@ -289,30 +288,20 @@ func (ch *channel) reader() io.Reader {
 	return io.MultiReader(ch.pre, ch.sock)
 }
 
-// readable reports whether the process's socket has something to read, or
-// an error, or is closed, without waiting.
-func (ch *channel) readable() bool {
+// waitReadable blocks, without a buffer, until the process's socket has
+// something to read (or an error, or is closed: the read says which), or
+// until the socket's read deadline, which it reports.
+func (ch *channel) waitReadable() (deadline bool) {
 	rc, err := ch.sock.SyscallConn()
 	if err != nil {
-		return true // the read says why
+		return false
 	}
-	ready := true
-	rc.Control(func(fd uintptr) {
+	err = rc.Read(func(fd uintptr) bool {
 		p := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
 		n, err := unix.Poll(p, 0)
-		ready = err != nil || n > 0
+		return err != nil || n > 0
 	})
-	return ready
-}
-
-// waitReadable blocks until readable, without a buffer, or until the
-// socket's read deadline.
-func (ch *channel) waitReadable() {
-	rc, err := ch.sock.SyscallConn()
-	if err != nil {
-		return
-	}
-	rc.Read(func(uintptr) bool { return ch.readable() })
+	return errors.Is(err, os.ErrDeadlineExceeded)
 }
 
 // readers is a bounded free list of the outbound pumps' read buffers.
