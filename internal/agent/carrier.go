@@ -3,6 +3,7 @@ package agent
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"sinc.dev/sinc/internal/link"
@@ -102,7 +103,14 @@ const codeLinkLost = wire.CodeReset
 
 // resumePeer sends again, on p's new link, what its channels may have lost.
 func (a *Agent) resumePeer(p *peer) {
-	chs := a.channelsOf(p)
+	// A channel still opening has sent and received nothing yet: its Open
+	// and the answer go on whichever link is up, and it has no ids of the
+	// peer's to name in a Credit.
+	chs := slices.DeleteFunc(a.channelsOf(p), func(ch *channel) bool {
+		ch.mu.Lock()
+		defer ch.mu.Unlock()
+		return ch.state.status != "open"
+	})
 	for _, ch := range chs {
 		a.goRun(ch.resume)
 	}

@@ -861,6 +861,9 @@ func (ch *channel) sendAck(resend bool) {
 	ch.mu.Lock()
 	m.Index, m.DstConn, m.SrcConn = ch.state.remoteIndex, ch.state.remoteConn, ch.id
 	ch.mu.Unlock()
+	if m.DstConn == 0 {
+		return // not open yet: there is no channel of the peer's to name
+	}
 	if resend {
 		m.Flags = wire.FlagResend
 	}

@@ -39,7 +39,8 @@ const hostileWindow = 64 << 10
 // test needs one) hosts x; node-c, played by the test, hosts app and app2.
 // node-a's policy lets every partition of node-c and of node-b reach
 // node-a/db/*, and nothing else: the source and certificate checks are the
-// only thing between node-c and a channel in node-b's name.
+// only thing between node-c and a channel in node-b's name. node-a/db may
+// open channels to node-c/app, for the tests of node-a's opens.
 var hostileSpecs = []cluster.NodeSpec{
 	{Name: "node-a", Partitions: []string{"db", "other"}, Extra: fmt.Sprintf(`
 [[allow]]
@@ -49,6 +50,10 @@ to = "node-a/db/*"
 [[allow]]
 from = "node-b/*"
 to = "node-a/db/*"
+
+[[allow]]
+from = "node-a/db"
+to = "node-c/app/*"
 
 [limits]
 window = %d
@@ -1306,4 +1311,52 @@ func logCount(a *testAgent, parts ...string) int {
 		}
 	}
 	return n
+}
+
+// TestOpenSurvivesLinkReplacement: a channel still opening when its peer's
+// link is replaced (a rekey, or the peer dialing anew) is not resumed on
+// the new link, as nothing of it was sent or received: node-a sends no
+// Credit for it (one would name no channel of the peer, whose answer, a
+// Close, ended the open), and the Accept that comes on the new link
+// completes the open.
+func TestOpenSurvivesLinkReplacement(t *testing.T) {
+	e := startHostileEnv(t, false)
+	start := e.h.mark()
+	type result struct {
+		c   *sinc.Conn
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		c, err := (&sinc.Dialer{Socket: e.c.Nodes["node-a"].Partitions["db"], Kind: sinc.Message}).DialContext(ctxT(t), "node-c/app/svc")
+		done <- result{c, err}
+	}()
+	open, err := wire.ParseOpen(e.h.waitCtlFrom(t, start, "node-a's open", func(b []byte) bool { return b[0] == wire.OpOpen }))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resumes := stats(t, e.a)["channel_resumes"]
+	h2 := dialHostile(t, e.id, e.a)
+	eventually(t, 5*time.Second, "node-a took the new link", func() bool { return stats(t, e.a)["channel_resumes"] > resumes || e.h.l.Err() != nil })
+	acc := &wire.Accept{InitIndex: open.Index, InitConn: open.Conn, Index: 0x51c0 + hostileIDs.Add(1), Conn: 1 << 40,
+		Window: hostileWindow, Key: testKey(), DstProc: wire.Proc{PID: 1, UID: 1000, GID: 1000}}
+	h2.sendCtl(t, acc.Marshal())
+	var r result
+	select {
+	case r = <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the open did not complete")
+	}
+	if r.err != nil {
+		t.Fatalf("open across the link replacement: %v", r.err)
+	}
+	defer r.c.Close()
+	for i, h := range []*hostile{e.h, h2} {
+		if n := h.ctlCount(func(b []byte) bool {
+			m, err := wire.ParseCredit(b)
+			return b[0] == wire.OpCredit && err == nil && m.DstConn == 0
+		}); n > 0 {
+			t.Fatalf("node-a sent %d Credit messages naming no channel on link %d", n, i+1)
+		}
+	}
 }
