@@ -336,3 +336,33 @@ func BenchmarkSetup(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkIdleMemory: one op is an idle connection (at least 100, at most
+// 10,000 are held); it reports the growth of the RSS per connection, of
+// both agents (sinc) and of the client and server, each measurement in
+// fresh processes, as `sinc bench` does. -benchtime=10000x matches the
+// table's 10,000.
+func BenchmarkIdleMemory(b *testing.B) {
+	for _, tr := range Transports {
+		b.Run(tr, func(b *testing.B) {
+			n := min(max(b.N, 100), 10_000)
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+			defer cancel()
+			e, err := StartEnv(ctx, EnvConfig{Bin: bin, Transports: []string{tr}})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer e.Close()
+			b.ResetTimer()
+			r, err := e.Idle(ctx, tr, []int{n}, 16, 300*time.Millisecond)
+			b.StopTimer()
+			if err != nil {
+				b.Fatal(err)
+			}
+			if isSinc(tr) {
+				b.ReportMetric(r.AgentBytes[0]/1024, "agent-KiB/conn")
+			}
+			b.ReportMetric(r.EndpointBytes[0]/1024, "ends-KiB/conn")
+		})
+	}
+}
