@@ -260,7 +260,11 @@ func containsAll(s string, parts ...string) bool {
 
 // TestStalledReaderSlowdown: a channel whose reader has stalled does not
 // slow a busy channel on the same link by more than a factor of 4 (medians
-// of five runs each; on an idle machine the factor measures about 1).
+// of five runs each; on an idle machine the factor measures about 1). The
+// two are measured back to back, up to three times, so that load from
+// outside the test in one of them (other packages' tests run beside this
+// one) is not taken for a slowdown; a channel held up behind the stalled
+// one would fail every time.
 func TestStalledReaderSlowdown(t *testing.T) {
 	p := startPair(t, channelSpecs)
 	echo(t, p.listen(t, "node-b", "db", "echo"))
@@ -297,18 +301,23 @@ func TestStalledReaderSlowdown(t *testing.T) {
 		slices.Sort(d)
 		return d[2]
 	}
-	alone := median(busy)
-	// A stalled channel, filled to its window, beside the busy one.
-	s := p.mustDial(t, "node-a", "web", "node-b/db/stall", sinc.Stream)
-	s.SetWriteDeadline(time.Now().Add(time.Second))
-	for {
-		if _, err := s.Write(make([]byte, 64<<10)); err != nil {
-			break
+	var alone, beside time.Duration
+	for attempt := 1; attempt <= 3; attempt++ {
+		alone = median(busy)
+		// A stalled channel, filled to its window, beside the busy one.
+		s := p.mustDial(t, "node-a", "web", "node-b/db/stall", sinc.Stream)
+		s.SetWriteDeadline(time.Now().Add(time.Second))
+		for {
+			if _, err := s.Write(make([]byte, 64<<10)); err != nil {
+				break
+			}
+		}
+		beside = median(busy)
+		s.Close()
+		t.Logf("4 MiB echo: %s alone, %s beside a stalled channel (%.2f×)", alone, beside, float64(beside)/float64(alone))
+		if beside <= 4*alone {
+			return
 		}
 	}
-	beside := median(busy)
-	t.Logf("4 MiB echo: %s alone, %s beside a stalled channel (%.2f×)", alone, beside, float64(beside)/float64(alone))
-	if beside > 4*alone {
-		t.Fatalf("a stalled channel slowed its neighbour %.2f× (%s → %s), more than 4×", float64(beside)/float64(alone), alone, beside)
-	}
+	t.Fatalf("a stalled channel slowed its neighbour %.2f× (%s → %s), more than 4×, three times", float64(beside)/float64(alone), alone, beside)
 }
