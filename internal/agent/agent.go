@@ -222,7 +222,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.goRun(func() { a.watchRevocations(ctx) })
 	a.goRun(func() { a.watchLifecycle(ctx) })
 	a.goRun(a.poller.run)
-	a.goRun(func() { a.sweepAEADs(ctx) })
+	a.goRun(func() { a.sweepIdle(ctx) })
 
 	<-ctx.Done()
 	a.log.Info("agent stopping")
@@ -272,13 +272,13 @@ func (a *Agent) goRun(f func()) {
 	}()
 }
 
-// aeadSweep is how often the channels' AEADs unused since the last sweep
-// are dropped: a channel direction idle for one to two sweeps holds its
-// keys in protected memory only.
-var aeadSweep = time.Second
+// idleSweep is how often the channels are swept of what an idle channel
+// need not hold (see channel.sweep): a channel direction idle for one to
+// two sweeps holds its keys in protected memory only.
+var idleSweep = time.Second
 
-func (a *Agent) sweepAEADs(ctx context.Context) {
-	t := time.NewTicker(aeadSweep)
+func (a *Agent) sweepIdle(ctx context.Context) {
+	t := time.NewTicker(idleSweep)
 	defer t.Stop()
 	for {
 		select {
@@ -287,7 +287,7 @@ func (a *Agent) sweepAEADs(ctx context.Context) {
 		case <-t.C:
 		}
 		for _, ch := range a.tables.all() {
-			ch.dropIdleAEADs()
+			ch.sweep()
 		}
 	}
 }

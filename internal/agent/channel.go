@@ -94,6 +94,7 @@ type channel struct {
 	rmu        sync.Mutex
 	next       uint64 // counter of the frame expected next
 	asked      uint64 // 1 + the value of next at which we last asked for a resend
+	ackSent    uint64 // the value of next we last acknowledged
 	granted    uint64 // payload bytes granted to the peer in all
 	received   uint64 // payload bytes received
 	deliveredB uint64 // payload bytes written to the process
@@ -857,6 +858,7 @@ func (ch *channel) delivered(n uint64) bool {
 func (ch *channel) sendAck(resend bool) {
 	ch.rmu.Lock()
 	m := &wire.Credit{Granted: ch.granted, Ack: ch.next}
+	ch.ackSent = ch.next
 	ch.rmu.Unlock()
 	ch.mu.Lock()
 	m.Index, m.DstConn, m.SrcConn = ch.state.remoteIndex, ch.state.remoteConn, ch.id

@@ -520,14 +520,26 @@ func aeads(a *testAgent) int {
 	return count
 }
 
-// TestIdleChannelsHoldNoPumpsNorAEADs: a channel with nothing to move
-// holds no goroutine and no AEAD in either agent, only its keys. Sending on
-// it starts its pumps again (the poller sees the process's socket
-// readable) and makes its AEADs from the keys; a half-close of a channel
-// gone idle is seen too.
-func TestIdleChannelsHoldNoPumpsNorAEADs(t *testing.T) {
-	defer func(d time.Duration) { aeadSweep = d }(aeadSweep)
-	aeadSweep = 50 * time.Millisecond
+// heldFrames counts the sent frames an agent's channels hold: waiting for
+// acknowledgement, or acknowledged and not yet back in the free list.
+func heldFrames(a *testAgent) int {
+	count := 0
+	for _, ch := range a.tables.all() {
+		ch.smu.Lock()
+		count += len(ch.rtx) + len(ch.acked)
+		ch.smu.Unlock()
+	}
+	return count
+}
+
+// TestIdleChannelsHoldNoPumpsAEADsOrFrames: a channel with nothing to move
+// holds no goroutine, no AEAD and no sent frame in either agent, only its
+// keys. Sending on it starts its pumps again (the poller sees the
+// process's socket readable) and makes its AEADs from the keys; a
+// half-close of a channel gone idle is seen too.
+func TestIdleChannelsHoldNoPumpsAEADsOrFrames(t *testing.T) {
+	defer func(d time.Duration) { idleSweep = d }(idleSweep)
+	idleSweep = 50 * time.Millisecond
 	p := startPair(t, channelSpecs)
 	echo(t, p.listen(t, "node-b", "db", "echo"))
 	const n = 40
@@ -539,6 +551,7 @@ func TestIdleChannelsHoldNoPumpsNorAEADs(t *testing.T) {
 		t.Helper()
 		eventually(t, 5*time.Second, "no pump left on idle channels", func() bool { return pumps() == 0 })
 		eventually(t, 5*time.Second, "no AEAD left on idle channels", func() bool { return aeads(p.a)+aeads(p.b) == 0 })
+		eventually(t, 5*time.Second, "no sent frame held by idle channels", func() bool { return heldFrames(p.a)+heldFrames(p.b) == 0 })
 	}
 	idle()
 	for round := range 3 {

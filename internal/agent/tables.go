@@ -162,7 +162,7 @@ type chanState struct {
 // memory (slot): the send key, which the peer chose, seals frames to the
 // peer; the receive key, which we chose, opens frames to us. Their AEADs
 // (send, recv) are made on first use and dropped when a sweep finds them
-// unused since the last (dropIdleAEADs): an AES-GCM's expanded key takes
+// unused since the last (channel.sweep): an AES-GCM's expanded key takes
 // about 750 bytes of heap, which two AEADs per channel would hold in every
 // idle channel of both agents.
 type keyEntry struct {
@@ -275,11 +275,21 @@ func (k *keyEntry) opener() cipher.AEAD {
 	return k.recv
 }
 
-// dropIdleAEADs drops the AEADs not used since the last call; the keys
-// stay, and the next frame makes its AEAD again. The retiring receive
-// AEAD of a rotation under way stays: the rotation ends with the peer's
-// first frame under the new key.
-func (ch *channel) dropIdleAEADs() {
+// sweep makes an idle channel let go of what it need not hold:
+//   - the AEADs not used since the last sweep (the keys stay, and the next
+//     frame makes its AEAD again; the retiring receive AEAD of a rotation
+//     under way stays, as the rotation ends with the peer's first frame
+//     under the new key);
+//   - the frames acknowledged since the channel last sent, back to the
+//     free list, unless a send holds them now;
+//   - and, in the peer, the frames we have and did not acknowledge yet
+//     (credit goes back by half windows, so the last few frames of a burst
+//     would wait in its retransmit buffer): they are acknowledged now.
+func (ch *channel) sweep() {
+	if ch.txmu.TryLock() {
+		ch.recycle()
+		ch.txmu.Unlock()
+	}
 	k := &ch.keys
 	k.mu.Lock()
 	if !k.sendUsed {
@@ -292,7 +302,11 @@ func (ch *channel) dropIdleAEADs() {
 		k.recv = nil
 	}
 	k.recvUsed = false
+	unacked := ch.next > ch.ackSent
 	ch.rmu.Unlock()
+	if unacked {
+		ch.a.goRun(func() { ch.sendAck(false) })
+	}
 }
 
 func newGCM(k []byte) cipher.AEAD {
