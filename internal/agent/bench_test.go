@@ -11,26 +11,27 @@ import (
 // process): for profiling the agent. sinc bench compares transports across
 // real processes.
 
-func BenchmarkStreamBulk(b *testing.B) {
+// benchChannel opens a channel of kind from node-a/web to node-b/db, whose
+// accepted end serve handles in a goroutine; done is closed when serve
+// returns.
+func benchChannel(b *testing.B, kind sinc.Kind, serve func(*sinc.Conn)) (c *sinc.Conn, done chan struct{}) {
 	p := startPair(b, channelSpecs)
-	l, err := (&sinc.ListenConfig{Socket: p.sock("node-b", "db")}).Listen(ctxT(b), "sink")
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer l.Close()
+	l := p.listen(b, "node-b", "db", "bench")
+	done = make(chan struct{})
 	go func() {
+		defer close(done)
 		c, err := l.AcceptSinc()
 		if err != nil {
 			return
 		}
-		io.Copy(io.Discard, c)
+		serve(c)
 		c.Close()
 	}()
-	c, err := (&sinc.Dialer{Socket: p.sock("node-a", "web")}).DialContext(ctxT(b), "node-b/db/sink")
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer c.Close()
+	return p.mustDial(b, "node-a", "web", "node-b/db/bench", kind), done
+}
+
+func BenchmarkStreamBulk(b *testing.B) {
+	c, _ := benchChannel(b, sinc.Stream, func(c *sinc.Conn) { io.Copy(io.Discard, c) })
 	buf := make([]byte, 64<<10)
 	b.SetBytes(int64(len(buf)))
 	b.ResetTimer()
@@ -42,30 +43,13 @@ func BenchmarkStreamBulk(b *testing.B) {
 }
 
 func BenchmarkMessages64(b *testing.B) {
-	p := startPair(b, channelSpecs)
-	l, err := (&sinc.ListenConfig{Socket: p.sock("node-b", "db")}).Listen(ctxT(b), "sink")
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer l.Close()
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		c, err := l.AcceptSinc()
-		if err != nil {
-			return
-		}
+	c, done := benchChannel(b, sinc.Message, func(c *sinc.Conn) {
 		for {
 			if _, err := c.ReadMessage(); err != nil {
-				break
+				return
 			}
 		}
-		c.Close()
-	}()
-	c, err := (&sinc.Dialer{Socket: p.sock("node-a", "web"), Kind: sinc.Message}).DialContext(ctxT(b), "node-b/db/sink")
-	if err != nil {
-		b.Fatal(err)
-	}
+	})
 	msg := make([]byte, 64)
 	b.SetBytes(64)
 	b.ResetTimer()
@@ -76,29 +60,10 @@ func BenchmarkMessages64(b *testing.B) {
 	}
 	c.CloseWrite()
 	<-done
-	c.Close()
 }
 
 func BenchmarkPingPong64(b *testing.B) {
-	p := startPair(b, channelSpecs)
-	l, err := (&sinc.ListenConfig{Socket: p.sock("node-b", "db")}).Listen(ctxT(b), "echo")
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer l.Close()
-	go func() {
-		c, err := l.AcceptSinc()
-		if err != nil {
-			return
-		}
-		io.Copy(c, c)
-		c.Close()
-	}()
-	c, err := (&sinc.Dialer{Socket: p.sock("node-a", "web")}).DialContext(ctxT(b), "node-b/db/echo")
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer c.Close()
+	c, _ := benchChannel(b, sinc.Stream, func(c *sinc.Conn) { io.Copy(c, c) })
 	buf := make([]byte, 64)
 	b.ResetTimer()
 	for range b.N {
@@ -115,11 +80,7 @@ func BenchmarkPingPong64(b *testing.B) {
 // accepted, and closed, from one opener.
 func BenchmarkOpenClose(b *testing.B) {
 	p := startPair(b, channelSpecs)
-	l, err := (&sinc.ListenConfig{Socket: p.sock("node-b", "db")}).Listen(ctxT(b), "sink")
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer l.Close()
+	l := p.listen(b, "node-b", "db", "sink")
 	go func() {
 		for {
 			c, err := l.AcceptSinc()
@@ -129,10 +90,9 @@ func BenchmarkOpenClose(b *testing.B) {
 			c.Close()
 		}
 	}()
-	d := &sinc.Dialer{Socket: p.sock("node-a", "web")}
 	b.ResetTimer()
 	for range b.N {
-		c, err := d.DialContext(ctxT(b), "node-b/db/sink")
+		c, err := p.dial(b, "node-a", "web", "node-b/db/sink", sinc.Stream)
 		if err != nil {
 			b.Fatal(err)
 		}

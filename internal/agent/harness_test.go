@@ -75,7 +75,7 @@ func ctxT(t testing.TB) context.Context {
 }
 
 // listen listens on service in node/partition.
-func (p *pair) listen(t *testing.T, node, part, service string) *sinc.Listener {
+func (p *pair) listen(t testing.TB, node, part, service string) *sinc.Listener {
 	t.Helper()
 	l, err := (&sinc.ListenConfig{Socket: p.sock(node, part)}).Listen(ctxT(t), service)
 	if err != nil {
@@ -85,12 +85,12 @@ func (p *pair) listen(t *testing.T, node, part, service string) *sinc.Listener {
 	return l
 }
 
-func (p *pair) dial(t *testing.T, node, part, addr string, kind sinc.Kind) (*sinc.Conn, error) {
+func (p *pair) dial(t testing.TB, node, part, addr string, kind sinc.Kind) (*sinc.Conn, error) {
 	t.Helper()
 	return (&sinc.Dialer{Socket: p.sock(node, part), Kind: kind}).DialContext(ctxT(t), addr)
 }
 
-func (p *pair) mustDial(t *testing.T, node, part, addr string, kind sinc.Kind) *sinc.Conn {
+func (p *pair) mustDial(t testing.TB, node, part, addr string, kind sinc.Kind) *sinc.Conn {
 	t.Helper()
 	c, err := p.dial(t, node, part, addr, kind)
 	if err != nil {
