@@ -404,7 +404,7 @@ const packTarget = 64 << 10
 
 // A frame of more than smallFrame payload bytes is cut from a full-size
 // buffer of the bounded free list frames, and goes back to it once the
-// peer acknowledged it (see recycle); smaller ones are exact allocations,
+// peer acknowledged it (see recycleLocked); smaller ones are exact allocations,
 // so that many small frames waiting for acknowledgement hold little.
 const smallFrame = 8 << 10
 
@@ -435,17 +435,16 @@ func putFrame(b []byte) {
 	}
 }
 
-// recycle returns the frames the peer acknowledged to the free list. It is
-// called under txmu: a resend, which also holds it, may still be writing
-// a frame that an acknowledgement has just released.
-func (ch *channel) recycle() {
-	ch.smu.Lock()
+// recycleLocked returns the frames the peer acknowledged to the free list.
+// It is called under txmu, as a resend, which also holds it, may still be
+// writing a frame that an acknowledgement has just released; and under
+// smu, which guards acked.
+func (ch *channel) recycleLocked() {
 	for i, f := range ch.acked {
 		putFrame(f)
 		ch.acked[i] = nil
 	}
 	ch.acked = ch.acked[:0]
-	ch.smu.Unlock()
 }
 
 // creditLeft returns the credit the peer granted that is not yet taken.
@@ -489,7 +488,6 @@ var errKeysGone = errors.New("channel keys are gone")
 func (ch *channel) send(frame []byte, n int, flags byte) error {
 	ch.txmu.Lock()
 	defer ch.txmu.Unlock()
-	ch.recycle()
 	k := &ch.keys
 	lim := &ch.a.cfg.Limits
 	for {
@@ -521,6 +519,7 @@ func (ch *channel) send(frame []byte, n int, flags byte) error {
 	k.sealer().Seal(frame[wire.DataHeaderLen:wire.DataHeaderLen], nonce[:], frame[wire.DataHeaderLen:wire.DataHeaderLen+n], frame[:wire.DataHeaderLen])
 	k.mu.Unlock()
 	ch.smu.Lock()
+	ch.recycleLocked()
 	ch.rtx = append(ch.rtx, rtxFrame{counter: h.Counter, frame: frame})
 	if flags&wire.FlagFin != 0 {
 		ch.finSeq, ch.finQueued = h.Counter, true

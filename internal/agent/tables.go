@@ -287,7 +287,9 @@ func (k *keyEntry) opener() cipher.AEAD {
 //     would wait in its retransmit buffer): they are acknowledged now.
 func (ch *channel) sweep() {
 	if ch.txmu.TryLock() {
-		ch.recycle()
+		ch.smu.Lock()
+		ch.recycleLocked()
+		ch.smu.Unlock()
 		ch.txmu.Unlock()
 	}
 	k := &ch.keys
