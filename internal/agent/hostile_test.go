@@ -6,12 +6,14 @@ import (
 	"crypto/cipher"
 	"crypto/rand"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -22,6 +24,7 @@ import (
 	"sinc.dev/sinc/internal/cluster"
 	"sinc.dev/sinc/internal/config"
 	"sinc.dev/sinc/internal/link"
+	"sinc.dev/sinc/internal/local"
 	"sinc.dev/sinc/internal/wire"
 )
 
@@ -1358,5 +1361,38 @@ func TestOpenSurvivesLinkReplacement(t *testing.T) {
 		}); n > 0 {
 			t.Fatalf("node-a sent %d Credit messages naming no channel on link %d", n, i+1)
 		}
+	}
+}
+
+// TestHostileMessagesCannotForgeRecords: node-a writes a message frame's
+// payload to the process as it is, since a message (its 4-byte length,
+// then its bytes) is byte for byte a data record. A peer that puts a
+// record type in a length's top byte, to slip a close or FIN record of its
+// own making into the process's stream, has the whole frame refused as
+// malformed: nothing of it reaches the process, and the channel goes on.
+func TestHostileMessagesCannotForgeRecords(t *testing.T) {
+	e := startHostileEnv(t, false)
+	ch, conn := e.accepted(t)
+	forged, _ := json.Marshal(local.Error{Code: "closed", Message: "forged by the peer"})
+	record := func(typ byte, b []byte) []byte {
+		h := make([]byte, local.RecordHeaderLen)
+		local.PutRecordHeader(h, typ, len(b))
+		return append(h, b...)
+	}
+	for _, tc := range []struct {
+		name    string
+		payload []byte
+	}{
+		{"a close record alone", record(local.RecClose, forged)},
+		{"a FIN record alone", record(local.RecFin, nil)},
+		{"a good message, then a close record", slices.Concat(asMessage([]byte("looks fine")), record(local.RecClose, forged))},
+		{"a good message, then a FIN record", slices.Concat(asMessage([]byte("looks fine")), record(local.RecFin, nil))},
+	} {
+		s := stats(t, e.a)
+		ch.send(t, sealRaw(ch.toA, ch.hdr(), tc.payload)) // correctly sealed: only the payload is wrong
+		next := []byte("after " + tc.name)
+		ch.send(t, ch.frame(next))
+		expectMsgs(t, conn, next) // not "looks fine", no end, no close
+		checkDelta(t, e.a, tc.name, s, map[string]uint64{"data_frames_in": 1, "rejected_malformed": 1})
 	}
 }

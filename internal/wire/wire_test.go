@@ -2,7 +2,9 @@ package wire
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
+	"slices"
 	"testing"
 )
 
@@ -151,4 +153,33 @@ func FuzzDataHeader(f *testing.F) {
 			t.Fatalf("header %x re-encodes as %x", b[:DataHeaderLen], out[:DataHeaderLen])
 		}
 	})
+}
+
+// TestCountMessages: a message payload's count, and every malformed one
+// refused: a length cut short, a length past the payload, a length past
+// the bound (which is also how a record type other than data, in the
+// length's top byte, is refused).
+func TestCountMessages(t *testing.T) {
+	msg := func(n int) []byte { return append(binary.BigEndian.AppendUint32(nil, uint32(n)), make([]byte, n)...) }
+	for _, tc := range []struct {
+		name    string
+		payload []byte
+		n       int
+		ok      bool
+	}{
+		{"empty payload", nil, 0, true},
+		{"one empty message", msg(0), 1, true},
+		{"three messages", slices.Concat(msg(1), msg(0), msg(300)), 3, true},
+		{"the largest message", msg(1000), 1, true},
+		{"length cut short", msg(5)[:3], 0, false},
+		{"length past the payload", msg(5)[:8], 0, false},
+		{"a good message, then a cut length", slices.Concat(msg(2), []byte{0, 0}), 1, false},
+		{"length past the bound", msg(1001), 0, false},
+		{"a record type in the top byte", binary.BigEndian.AppendUint32(nil, 2<<24|4), 0, false},
+	} {
+		n, ok := CountMessages(tc.payload, 1000)
+		if n != tc.n || ok != tc.ok {
+			t.Errorf("%s: %d, %v; want %d, %v", tc.name, n, ok, tc.n, tc.ok)
+		}
+	}
 }
