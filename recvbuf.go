@@ -97,6 +97,20 @@ func (b *recvBuffer) read(p []byte) ([]byte, int, error) {
 	return p, n, nil
 }
 
+// fill takes a buffer from the free list, once the socket is readable, and
+// reads into it.
+func (b *recvBuffer) fill() error {
+	buf, n, err := b.read(nil)
+	if err != nil {
+		if buf != nil {
+			putRecvBuf(buf)
+		}
+		return err
+	}
+	b.buf, b.r, b.w = buf, 0, n
+	return nil
+}
+
 // Read reads buffered bytes, or from the socket: straight into p when p
 // is at least a buffer long, else through a buffer.
 func (b *recvBuffer) Read(p []byte) (int, error) {
@@ -108,15 +122,9 @@ func (b *recvBuffer) Read(p []byte) (int, error) {
 			_, n, err := b.read(p)
 			return n, err
 		}
-		buf, n, err := b.read(nil)
-		if err != nil {
-			if buf != nil {
-				b.buf = buf
-				b.release()
-			}
+		if err := b.fill(); err != nil {
 			return 0, err
 		}
-		b.buf, b.r, b.w = buf, 0, n
 	}
 	n := copy(p, b.buf[b.r:b.w])
 	b.r += n
@@ -128,24 +136,20 @@ func (b *recvBuffer) Read(p []byte) (int, error) {
 
 // Discard skips n bytes.
 func (b *recvBuffer) Discard(n int) error {
-	var scratch [512]byte
 	for n > 0 {
-		if b.buf != nil {
-			d := min(n, b.w-b.r)
-			b.r += d
-			n -= d
-			if b.r == b.w {
-				b.release()
+		if b.buf == nil {
+			if err := b.fill(); err != nil {
+				if errors.Is(err, io.EOF) {
+					return io.ErrUnexpectedEOF
+				}
+				return err
 			}
-			continue
 		}
-		m, err := b.Read(scratch[:min(n, len(scratch))])
-		n -= m
-		if err != nil {
-			if errors.Is(err, io.EOF) {
-				return io.ErrUnexpectedEOF
-			}
-			return err
+		d := min(n, b.w-b.r)
+		b.r += d
+		n -= d
+		if b.r == b.w {
+			b.release()
 		}
 	}
 	return nil
