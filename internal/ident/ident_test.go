@@ -103,16 +103,24 @@ func TestPidfdIsCloseOnExec(t *testing.T) {
 	}
 }
 
+// identify is FromConn of c's connection, accepted now; the Process is
+// closed when the test ends (Close may be called before).
+func identify(t *testing.T, c *child) *Process {
+	t.Helper()
+	p, err := FromConn(c.conn, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	return p
+}
+
 func TestFromConnChild(t *testing.T) {
 	for _, m := range modes {
 		t.Run(m.name, func(t *testing.T) {
 			withMode(t, m)
 			c := startChild(t, "", nil)
-			p, err := FromConn(c.conn, time.Now())
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer p.Close()
+			p := identify(t, c)
 			if p.PID != c.pid() {
 				t.Errorf("PID = %d, want the child's %d", p.PID, c.pid())
 			}
@@ -143,11 +151,7 @@ func TestAliveFalseForZombie(t *testing.T) {
 		t.Run(m.name, func(t *testing.T) {
 			withMode(t, m)
 			c := startChild(t, "", nil)
-			p, err := FromConn(c.conn, time.Now())
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer p.Close()
+			p := identify(t, c)
 			c.cmd.Process.Signal(syscall.SIGKILL)
 			// Wait for the zombie without reaping it.
 			var info unix.Siginfo
@@ -168,11 +172,7 @@ func TestExited(t *testing.T) {
 		t.Run(m.name, func(t *testing.T) {
 			withMode(t, m)
 			c := startChild(t, "", nil)
-			p, err := FromConn(c.conn, time.Now())
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer p.Close()
+			p := identify(t, c)
 			ch := p.Exited()
 			if p.Exited() != ch {
 				t.Error("a second Exited() returned another channel")
@@ -215,10 +215,7 @@ func TestCloseEndsExited(t *testing.T) {
 		t.Run(m.name, func(t *testing.T) {
 			withMode(t, m)
 			c := startChild(t, "", nil)
-			p, err := FromConn(c.conn, time.Now())
-			if err != nil {
-				t.Fatal(err)
-			}
+			p := identify(t, c)
 			ch := p.Exited()
 			if err := p.Close(); err != nil {
 				t.Fatal(err)
@@ -266,11 +263,7 @@ func TestCredentialsOfOtherUser(t *testing.T) {
 		t.Run(m.name, func(t *testing.T) {
 			withMode(t, m)
 			c := startChild(t, path, &syscall.Credential{Uid: 65534, Gid: 65534})
-			p, err := FromConn(c.conn, time.Now())
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer p.Close()
+			p := identify(t, c)
 			if p.UID != 65534 || p.GID != 65534 || p.PID != c.pid() {
 				t.Errorf("got %v, want pid %d uid 65534 gid 65534", p, c.pid())
 			}
