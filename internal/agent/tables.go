@@ -7,7 +7,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"sinc.dev/sinc/internal/local"
@@ -333,37 +332,6 @@ func (k *keyEntry) zero() {
 	}
 	k.send, k.recv, k.old = nil, nil, nil
 	k.zeroized = true
-}
-
-// counters counts what the data path rejected, by reason, and what it
-// passed. Fields are updated atomically.
-type counters struct {
-	unknownIndex, wrongIDs, badEpoch, auth, replay, outOfOrder, credit, malformed atomic.Uint64
-	framesIn, framesOut, retransmits, opensOK, opensRefused                       atomic.Uint64
-	resumes, graceExpired, rotations, rekeys, keyStalls                           atomic.Uint64
-}
-
-func (c *counters) snapshot() map[string]uint64 {
-	return map[string]uint64{
-		"rejected_unknown_index": c.unknownIndex.Load(),
-		"rejected_wrong_ids":     c.wrongIDs.Load(),
-		"rejected_bad_epoch":     c.badEpoch.Load(),
-		"rejected_auth":          c.auth.Load(),
-		"rejected_replay":        c.replay.Load(),
-		"rejected_out_of_order":  c.outOfOrder.Load(),
-		"retransmitted_frames":   c.retransmits.Load(),
-		"channel_resumes":        c.resumes.Load(),
-		"grace_expired":          c.graceExpired.Load(),
-		"key_rotations":          c.rotations.Load(),
-		"link_rekeys":            c.rekeys.Load(),
-		"sends_stalled_for_key":  c.keyStalls.Load(),
-		"rejected_credit":        c.credit.Load(),
-		"rejected_malformed":     c.malformed.Load(),
-		"data_frames_in":         c.framesIn.Load(),
-		"data_frames_out":        c.framesOut.Load(),
-		"opens_accepted":         c.opensOK.Load(),
-		"opens_refused":          c.opensRefused.Load(),
-	}
 }
 
 // row returns the channel's connection table row.
