@@ -9,6 +9,7 @@ import (
 	"sync"
 	"time"
 
+	"sinc.dev/sinc/internal/admin"
 	"sinc.dev/sinc/internal/local"
 	"sinc.dev/sinc/internal/replay"
 	"sinc.dev/sinc/internal/secret"
@@ -334,7 +335,8 @@ func (k *keyEntry) zero() {
 	k.zeroized = true
 }
 
-// row returns the channel's connection table row.
+// row returns the channel's connection table row, as the processes of its
+// partition see it.
 func (ch *channel) row() local.Conn {
 	ch.mu.Lock()
 	defer ch.mu.Unlock()
@@ -343,6 +345,13 @@ func (ch *channel) row() local.Conn {
 	r.State = ch.state.status
 	r.BytesIn, r.BytesOut = ch.bytesIn.Load(), ch.bytesOut.Load()
 	r.RecordsIn, r.RecordsOut = ch.recsIn.Load(), ch.recsOut.Load()
+	return r
+}
+
+// adminRow returns the channel's row as the operator sees it: with the key
+// lifecycle, which no process sees.
+func (ch *channel) adminRow() admin.ConnRow {
+	r := admin.ConnRow{Conn: ch.row()}
 	k := &ch.keys
 	ch.rmu.Lock()
 	r.KeyEpochIn = k.recvEpoch

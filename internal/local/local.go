@@ -17,7 +17,7 @@ import (
 
 // Protocol constants.
 const (
-	Version = 1
+	Version = 2
 
 	// MaxRequest bounds a request line, newline included.
 	MaxRequest = 4096
@@ -59,7 +59,7 @@ type Response struct {
 	OK    bool   `json:"ok"`
 	Error *Error `json:"error,omitempty"`
 	Conn  *Conn  `json:"conn,omitempty"`  // open
-	Conns []Conn `json:"conns,omitempty"` // conns
+	Conns []Conn `json:"conns,omitzero"`  // conns: present, [] when empty
 	Addr  string `json:"addr,omitempty"`  // listen: node/partition/service listened on
 }
 
@@ -110,12 +110,6 @@ type Conn struct {
 	BytesIn         uint64    `json:"bytes_in"`
 	RecordsOut      uint64    `json:"records_out"`
 	RecordsIn       uint64    `json:"records_in"`
-	// Key lifecycle, never the keys: the epoch of the key each direction
-	// is sealed with, and how many more frames the incoming key opens
-	// before this agent replaces it.
-	KeyEpochOut    uint16 `json:"key_epoch_out"`
-	KeyEpochIn     uint16 `json:"key_epoch_in"`
-	RotateInFrames uint64 `json:"rotate_in_frames"`
 }
 
 // ParseRequest decodes a request line strictly: one JSON object, no unknown
