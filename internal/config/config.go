@@ -118,6 +118,7 @@ type Limits struct {
 	RekeyFrames           int // frames a link carries before a fresh handshake
 	RotateFrames          int // frames under one channel key before a new one
 	RotateBytes           int // bytes under one channel key before a new one
+	Memory                int // bytes the agent buffers for all channels at most
 }
 
 // Partition is one partition this node hosts.
@@ -160,6 +161,7 @@ var (
 		RekeyFrames:           1 << 30,
 		RotateFrames:          1 << 24,
 		RotateBytes:           1 << 34,
+		Memory:                256 << 20,
 	}
 )
 
@@ -195,6 +197,7 @@ type file struct {
 		RekeyFrames           *int `toml:"rekey_frames"`
 		RotateFrames          *int `toml:"rotate_frames"`
 		RotateBytes           *int `toml:"rotate_bytes"`
+		Memory                *int `toml:"memory"`
 	} `toml:"limits"`
 	Partitions map[string]struct {
 		Socket string `toml:"socket"`
@@ -400,6 +403,7 @@ func Parse(path string, data []byte) (*Config, error) {
 		{"limits.rekey_frames", f.Limits.RekeyFrames, &c.Limits.RekeyFrames, 16, 1 << 40},
 		{"limits.rotate_frames", f.Limits.RotateFrames, &c.Limits.RotateFrames, 4, 1 << 40},
 		{"limits.rotate_bytes", f.Limits.RotateBytes, &c.Limits.RotateBytes, MinWindow, 1 << 50},
+		{"limits.memory", f.Limits.Memory, &c.Limits.Memory, MinMemory, 1 << 40},
 	} {
 		if l.val == nil {
 			continue
@@ -487,11 +491,18 @@ func Parse(path string, data []byte) (*Config, error) {
 	return c, nil
 }
 
-// Bounds of limits.window: a window holds at least one largest frame.
+// Bounds of limits.window: a window holds at least one largest frame (a
+// frame's payload: 64 KiB of a stream, or the largest message with its
+// 4-byte length, and room to spare); at most what the channel protocol
+// allows (wire.MaxWindow).
 const (
-	MinWindow = 64 << 10
+	MinWindow = 64<<10 + 64
 	MaxWindow = 64 << 20
 )
+
+// MinMemory is the least limits.memory: room for a largest window and the
+// budget's reserve.
+const MinMemory = 4 << 20
 
 // decodeMsg is the form of the TOML library's errors for a value of the
 // wrong type for its Go field: "toml: line 4 (last key "a.b"): incompatible

@@ -58,9 +58,9 @@ type Request struct {
 type Response struct {
 	OK    bool   `json:"ok"`
 	Error *Error `json:"error,omitempty"`
-	Conn  *Conn  `json:"conn,omitempty"`  // open
-	Conns []Conn `json:"conns,omitzero"`  // conns: present, [] when empty
-	Addr  string `json:"addr,omitempty"`  // listen: node/partition/service listened on
+	Conn  *Conn  `json:"conn,omitempty"` // open
+	Conns []Conn `json:"conns,omitzero"` // conns: present, [] when empty
+	Addr  string `json:"addr,omitempty"` // listen: node/partition/service listened on
 }
 
 // Error is a typed failure: Code is one of the codes in docs/protocol.md;
