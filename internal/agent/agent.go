@@ -48,6 +48,7 @@ type Agent struct {
 	self       *selfCarrier
 	policy     atomic.Pointer[policy.Policy]
 	revoked    atomic.Pointer[cert.Revocations]
+	rev        revocationState // serial order of revocation lists (revoke.go)
 	tables     *tables
 	counters   counters
 
