@@ -115,12 +115,12 @@ func (a *Agent) loadRevocations() error {
 		return nil // the list in force
 	}
 	a.revoked.Store(r)
-	a.log.Info("revocation list loaded", "path", path, "serial", r.Serial, "entries", r.Len(), "issued", r.Issued)
 	if err := r.WriteFile(a.storedRevocations(), 0o600); err != nil {
 		// The list is in force; only a restart with an older file in
 		// place could forget it.
 		a.log.Error("could not store the revocation list in the state folder", "path", a.storedRevocations(), "err", err)
 	}
+	a.log.Info("revocation list loaded", "path", path, "serial", r.Serial, "entries", r.Len(), "issued", r.Issued)
 	a.applyRevocations()
 	return nil
 }

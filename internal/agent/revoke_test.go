@@ -144,13 +144,13 @@ func TestRevocationCannotBeRolledBack(t *testing.T) {
 		t.Fatalf("list 2: serial %d, %v", r2.Serial, err)
 	}
 	list2, _ := os.ReadFile(crl)
-	a.log.waitFor(t, 2*time.Second, "closing the link of a revoked peer", "peer=node-b")
+	eventually(t, 2*time.Second, "node-b's link closed", func() bool { return a.link("node-b") == nil })
 	staysRevoked(t, a, revokedWatch)
 
 	// Live: list 1 put back while node-a runs.
 	putFile(t, crl, list1)
-	a.log.waitFor(t, 2*time.Second, "revocation list refused: older", " serial=1 ", "in_force_serial=2")
 	staysRevoked(t, a, revokedWatch)
+	a.log.waitFor(t, 2*time.Second, "revocation list refused: older", " serial=1 ", "in_force_serial=2")
 	if got := a.revoked.Load().Serial; got != 2 {
 		t.Fatalf("list in force has serial %d after list 1 was put back, want 2", got)
 	}
@@ -171,17 +171,17 @@ func TestRevocationCannotBeRolledBack(t *testing.T) {
 	}
 	forked, _ := os.ReadFile(fork)
 	putFile(t, crl, forked)
-	a.log.waitFor(t, 2*time.Second, "revocation list refused: other content under the serial in force", " serial=2 ", "in_force_serial=2")
 	staysRevoked(t, a, revokedWatch)
+	a.log.waitFor(t, 2*time.Second, "revocation list refused: other content under the serial in force", " serial=2 ", "in_force_serial=2")
 
 	// Across a restart: node-a stopped, list 1 put in place, node-a
 	// started again: its stored copy of list 2 wins.
 	a.stop(t)
 	putFile(t, crl, list1)
 	a = startAgent(t, c.Nodes["node-a"], withList)
+	staysRevoked(t, a, revokedWatch)
 	a.log.waitFor(t, time.Second, "revocation list restored from the state folder", " serial=2 ")
 	a.log.waitFor(t, time.Second, "revocation list refused: older", " serial=1 ", "in_force_serial=2")
-	staysRevoked(t, a, revokedWatch)
 
 	// A newer list still goes in force, and is the stored copy now.
 	putFile(t, crl, list2)
