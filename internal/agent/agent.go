@@ -49,6 +49,7 @@ type Agent struct {
 	budget     *memBudget // limits.memory: bytes buffered for all channels
 	policy     atomic.Pointer[policy.Policy]
 	revoked    atomic.Pointer[cert.Revocations]
+	rev        revocationState // serial order of revocation lists (revoke.go)
 	tables     *tables
 	counters   counters
 

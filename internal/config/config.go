@@ -11,6 +11,7 @@
 //	listen = "127.0.0.1:7701"        # peer link address
 //	admin  = "/run/sinc/node-a/admin.sock"
 //	revocations = "revoked.crl"      # optional: the CA's revocation list, followed as it changes
+//	state_dir = "state"              # default; the newest revocation list seen, kept across restarts
 //
 //	[timers]                         # optional; these are the defaults
 //	handshake = "5s"
@@ -49,6 +50,7 @@
 package config
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"io"
@@ -83,6 +85,9 @@ type Config struct {
 	Admin  string
 	// Revocations is the CA-signed revocation list to follow; "" for none.
 	Revocations string
+	// StateDir is the agent's own folder for what it must remember across
+	// restarts (the newest revocation list it has seen).
+	StateDir string
 
 	Timers Timers
 	Limits Limits
@@ -174,6 +179,7 @@ type file struct {
 	Listen      string `toml:"listen"`
 	Admin       string `toml:"admin"`
 	Revocations string `toml:"revocations"`
+	StateDir    string `toml:"state_dir"`
 	Timers      struct {
 		Handshake string `toml:"handshake"`
 		Keepalive string `toml:"keepalive"`
@@ -345,6 +351,7 @@ func Parse(path string, data []byte) (*Config, error) {
 	if f.Revocations != "" {
 		c.Revocations = absPath(base, f.Revocations)
 	}
+	c.StateDir = absPath(base, cmp.Or(f.StateDir, "state"))
 	if f.Listen == "" {
 		return nil, fail("listen", errors.New("missing: the peer link address, host:port"))
 	}
