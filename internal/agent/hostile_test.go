@@ -404,6 +404,9 @@ func (c *hchan) credits(t *testing.T) uint64 {
 type sink struct {
 	l     *sinc.Listener
 	conns chan *sinc.Conn
+
+	mu   sync.Mutex
+	kept []*sinc.Conn // see keep
 }
 
 func listenSink(t *testing.T, socket, service string) *sink {

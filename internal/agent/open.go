@@ -284,22 +284,18 @@ func (a *Agent) handleOpen(car carrier, m *wire.Open) {
 		refuse(wire.CodeBusy, "%s has too many channel opens in progress", a.cfg.Node)
 		return
 	}
-	key := m.Key
-	mm := *m
-	a.goRun(func() {
-		defer func() { <-a.accepting }()
-		mm.Key = key
-		defer clear(key[:])
-		defer clear(mm.Key[:])
-		if code, reason := a.accept(car, &mm, p, l); code != wire.CodeOK {
-			refuse(code, "%s", reason)
-		}
-	})
+	if code, reason := a.accept(car, m, p, l, refuse); code != wire.CodeOK {
+		<-a.accepting
+		refuse(code, "%s", reason)
+	}
 }
 
-// accept makes the channel for an Open that passed every check and hands
-// its socket to the listener. It runs off the link's reading goroutine.
-func (a *Agent) accept(car carrier, m *wire.Open, p *partition, l *listener) (wire.Code, string) {
+// accept makes the channel for an Open that passed every check. It enters
+// the channel in the tables at once, on the link's reading goroutine, so
+// that a Close right behind the Open finds it; handing its socket to the
+// listener (which may have to wait for the listener) and answering the
+// peer run off that goroutine, and give back the accepting token.
+func (a *Agent) accept(car carrier, m *wire.Open, p *partition, l *listener, refuse func(wire.Code, string, ...any)) (wire.Code, string) {
 	if err := l.proc.take(false); err != nil {
 		return wire.CodeLimit, err.Error()
 	}
@@ -346,23 +342,40 @@ func (a *Agent) accept(car carrier, m *wire.Open, p *partition, l *listener) (wi
 		return wire.CodeLimit, a.tableFull()
 	}
 	// From here the channel is in the tables: the peer may close it, or
-	// restart, at any moment, and its keys go with it. Each step below
-	// finds out; a channel that ended is told to its socket by start.
+	// restart, at any moment, and its keys go with it. Each step finds
+	// out; a channel that ended is told to its socket by start.
 	acc := &wire.Accept{InitIndex: m.Index, InitConn: m.Conn, Index: ch.state.index, Conn: ch.id,
 		Window: ch.window, DstProc: l.proc.wireID()}
 	if !ch.keys.copyRecv(acc.Key[:]) {
-		unix.Close(fds[1]) // ended before the listener heard of it
+		unix.Close(fds[1])
+		<-a.accepting
 		ch.start()
 		return wire.CodeOK, ""
 	}
-	defer clear(acc.Key[:])
+	a.goRun(func() {
+		defer func() { <-a.accepting }()
+		defer clear(acc.Key[:])
+		a.handOver(car, ch, l, fds[1], acc, refuse)
+	})
+	return wire.CodeOK, ""
+}
+
+// handOver gives an accepted channel's socket fd to its listener and
+// answers the peer with acc.
+func (a *Agent) handOver(car carrier, ch *channel, l *listener, fd int, acc *wire.Accept, refuse func(wire.Code, string, ...any)) {
+	if ch.ended.Load() { // the peer closed it already: no need to bother the listener
+		unix.Close(fd)
+		ch.start()
+		return
+	}
 	row := ch.row()
-	err = l.notify(&row, fds[1])
-	unix.Close(fds[1])
+	err := l.notify(&row, fd)
+	unix.Close(fd)
 	if err != nil {
 		ch.end(nil, false)
 		ch.start()
-		return wire.CodeBusy, fmt.Sprintf("the listener of %s/%s/%s is not accepting: %v", a.cfg.Node, p.name, l.service, err)
+		refuse(wire.CodeBusy, "the listener of %s/%s/%s is not accepting: %v", a.cfg.Node, ch.part, l.service, err)
+		return
 	}
 	msg := acc.Marshal()
 	err = car.sendControl(msg)
@@ -372,7 +385,6 @@ func (a *Agent) accept(car carrier, m *wire.Open, p *partition, l *listener) (wi
 	}
 	a.counters.opensOK.Add(1)
 	ch.start()
-	return wire.CodeOK, ""
 }
 
 // nodeHasPartition reports whether the certificate of the node behind car
