@@ -3,6 +3,7 @@ package agent
 import (
 	"crypto/cipher"
 	"net"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -25,9 +26,16 @@ const ackDelay = 20 * time.Millisecond
 // HandleData receives a data frame from a peer link.
 func (a *Agent) HandleData(l *link.Link, frame []byte) {
 	if car := a.carrierOf(l); car != nil {
+		if f := linkFault.Load(); f != nil {
+			(*f)(a.cfg.Node, frame)
+		}
 		a.handleData(car, frame)
 	}
 }
+
+// linkFault, set by tests only, may damage a data frame as it arrives
+// from a link, as a flipped bit on the way would.
+var linkFault atomic.Pointer[func(node string, frame []byte)]
 
 func (a *Agent) handleData(car carrier, frame []byte) {
 	h, sealed, err := wire.ParseDataHeader(frame)
