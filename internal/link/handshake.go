@@ -121,16 +121,18 @@ func (e *HandshakeError) Error() string {
 func (e *HandshakeError) Unwrap() error { return e.Err }
 
 // Reason names why the handshake failed, from a fixed set of constants,
-// for counters and log lines: evicted, per_source, bad_mac, malformed,
-// timeout, closed, auth (a certificate, name or key that did not check, or
+// for counters and log lines: evicted, per_source, closing (the gate
+// closed), bad_mac, malformed, timeout, closed, auth (a certificate, name or key that did not check, or
 // a message that failed to open), refused (by the peer) or failed.
 func (e *HandshakeError) Reason() string {
 	var ne net.Error
 	switch {
 	case errors.Is(e.Err, ErrEvictedPerSource):
 		return "per_source"
-	case errors.Is(e.Err, ErrEvicted), errors.Is(e.Err, ErrGateClosed):
+	case errors.Is(e.Err, ErrEvicted):
 		return "evicted"
+	case errors.Is(e.Err, ErrGateClosed):
+		return "closing"
 	case errors.Is(e.Err, ErrBadMAC):
 		return "bad_mac"
 	case errors.Is(e.Err, ErrMalformed):
