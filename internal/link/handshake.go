@@ -41,8 +41,9 @@ import (
 // Messages 2 and 3 travel as a 2-byte big-endian length and the message.
 // Each side checks the other's certificate (cluster CA, validity now,
 // certificate key = Noise static key) and its name: the initiator wants
-// the node it meant to dial, the responder asks the agent (Config.Authorize)
-// whether the node is a configured peer. The last step lets the responder
+// the node it meant to dial, the responder's caller decides whether the
+// node is a configured peer (Accept returns the link pending, to Confirm
+// or Refuse). The last step lets the responder
 // refuse with a reason the initiator can log, and lets the agent keep one
 // link per peer pair. A responder behind a Gate (gate.go) also tells it
 // when message 1's mac1 held, so that a flood's handshakes are the ones it
