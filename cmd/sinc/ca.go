@@ -82,7 +82,7 @@ func runCARevoke(args []string, stdout, stderr io.Writer) error {
 	var nodes, fps multiFlag
 	fs.Var(&nodes, "node", "revoke every certificate of this node (repeat)")
 	fs.Var(&fps, "fingerprint", "revoke the certificate with this fingerprint (repeat)")
-	out := fs.String("out", "", "the revocation list to add to (default DIR/"+cert.RevocationsFile+")")
+	out := fs.String("out", "", "the revocation list to add to, under its serial + 1 (default DIR/"+cert.RevocationsFile+")")
 	if _, err := parse(fs, args, 0); err != nil {
 		return err
 	}
@@ -108,8 +108,8 @@ func runCARevoke(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(stdout, "revocation list %s: %d node(s), %d certificate(s), issued %s\n",
-		path, len(r.Nodes), len(r.Fingerprints), r.Issued.Format(time.RFC3339))
+	fmt.Fprintf(stdout, "revocation list %s: serial %d, %d node(s), %d certificate(s), issued %s\n",
+		path, r.Serial, len(r.Nodes), len(r.Fingerprints), r.Issued.Format(time.RFC3339))
 	return nil
 }
 

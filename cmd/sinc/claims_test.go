@@ -157,7 +157,7 @@ func (k *claimsCluster) seenCount(t *testing.T) int {
 	return strings.Count(string(b), "\n")
 }
 
-func adminConns(t *testing.T, n *cluster.Node) []local.Conn {
+func adminConns(t *testing.T, n *cluster.Node) []admin.ConnRow {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -210,12 +210,12 @@ func TestClaimsEndToEnd(t *testing.T) {
 		var ra, rb *local.Conn
 		for _, r := range adminConns(t, k.a) {
 			if r.Process.PID == uint32(cmd.Process.Pid) {
-				ra = &r
+				ra = &r.Conn
 			}
 		}
 		for _, r := range adminConns(t, k.b) {
 			if r.RemoteProcess.PID == uint32(cmd.Process.Pid) {
-				rb = &r
+				rb = &r.Conn
 			}
 		}
 		if ra == nil || rb == nil {

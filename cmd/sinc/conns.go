@@ -11,7 +11,6 @@ import (
 
 	"sinc.dev/sinc"
 	"sinc.dev/sinc/internal/admin"
-	"sinc.dev/sinc/internal/local"
 )
 
 func runConns(args []string, stdout, stderr io.Writer) error {
@@ -27,38 +26,54 @@ func runConns(args []string, stdout, stderr io.Writer) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), admin.RequestTimeout)
 	defer cancel()
-	var rows []local.Conn
-	node := ""
 	if *adminPath != "" {
 		resp, err := admin.Query(ctx, *adminPath, admin.Request{Op: "conns"})
 		if err != nil {
 			return err
 		}
-		rows, node = resp.Conns, resp.Node
-	} else {
-		var err error
-		if rows, err = sinc.Connections(ctx, *socket); err != nil {
-			return err
+		if *asJSON {
+			return printJSON(stdout, resp.Conns)
 		}
+		printConns(stdout, resp.Node, resp.Conns, time.Now())
+		return nil
+	}
+	rows, err := sinc.Connections(ctx, *socket)
+	if err != nil {
+		return err
 	}
 	if *asJSON {
-		if rows == nil {
-			rows = []local.Conn{}
-		}
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		return enc.Encode(rows)
+		return printJSON(stdout, rows)
 	}
-	printConns(stdout, node, rows, time.Now())
+	view := make([]admin.ConnRow, len(rows))
+	for i, r := range rows {
+		view[i].Conn = r
+	}
+	printConns(stdout, "", view, time.Now())
 	return nil
 }
 
-func printConns(w io.Writer, node string, rows []local.Conn, now time.Time) {
+// printJSON prints rows as an indented JSON array, [] when empty.
+func printJSON[T any](w io.Writer, rows []T) error {
+	if rows == nil {
+		rows = []T{}
+	}
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(rows)
+}
+
+// printConns prints connection table rows; with node (the admin view) it
+// adds each channel's key epochs, which a process never sees.
+func printConns(w io.Writer, node string, rows []admin.ConnRow, now time.Time) {
 	if node != "" {
 		fmt.Fprintf(w, "connections of %s:\n", node)
 	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "ID\tPARTITION\tPROCESS\tSERVICE\tREMOTE\tREMOTE PROCESS\tKIND\tSTATE\tAGE\tBYTES OUT/IN\tKEY EPOCH OUT/IN\tROTATE IN")
+	head := "ID\tPARTITION\tPROCESS\tSERVICE\tREMOTE\tREMOTE PROCESS\tKIND\tSTATE\tAGE\tBYTES OUT/IN"
+	if node != "" {
+		head += "\tKEY EPOCH OUT/IN\tROTATE IN"
+	}
+	fmt.Fprintln(tw, head)
 	for _, r := range rows {
 		svc := r.Service
 		remote := r.RemoteNode + "/" + r.RemotePartition
@@ -66,9 +81,13 @@ func printConns(w io.Writer, node string, rows []local.Conn, now time.Time) {
 			svc = "-"
 			remote += "/" + r.RemoteService
 		}
-		fmt.Fprintf(tw, "%d\t%s\tpid %d uid %d\t%s\t%s\tpid %d uid %d\t%s\t%s\t%s\t%d/%d\t%d/%d\t%d frames\n", r.ID, r.Partition,
+		fmt.Fprintf(tw, "%d\t%s\tpid %d uid %d\t%s\t%s\tpid %d uid %d\t%s\t%s\t%s\t%d/%d", r.ID, r.Partition,
 			r.Process.PID, r.Process.UID, svc, remote, r.RemoteProcess.PID, r.RemoteProcess.UID, r.Kind, r.State,
-			now.Sub(r.Created).Round(time.Millisecond), r.BytesOut, r.BytesIn, r.KeyEpochOut, r.KeyEpochIn, r.RotateInFrames)
+			now.Sub(r.Created).Round(time.Millisecond), r.BytesOut, r.BytesIn)
+		if node != "" {
+			fmt.Fprintf(tw, "\t%d/%d\t%d frames", r.KeyEpochOut, r.KeyEpochIn, r.RotateInFrames)
+		}
+		fmt.Fprintln(tw)
 	}
 	tw.Flush()
 }

@@ -43,7 +43,7 @@ type Response struct {
 	Error    *Error            `json:"error,omitempty"`
 	Node     string            `json:"node,omitempty"`
 	Peers    []PeerRow         `json:"peers,omitempty"`
-	Conns    []local.Conn      `json:"conns,omitempty"`
+	Conns    []ConnRow         `json:"conns,omitempty"`
 	Counters map[string]uint64 `json:"counters,omitempty"`
 }
 
@@ -54,6 +54,18 @@ type Error struct {
 }
 
 func (e *Error) Error() string { return e.Code + ": " + e.Message }
+
+// ConnRow is a connection table row as the operator sees it: the row a
+// process of the partition sees, and the key lifecycle of the channel
+// (never a key): the epoch of the key each direction is sealed with, and
+// how many more frames the incoming key opens before the agent replaces
+// it. Processes never see these.
+type ConnRow struct {
+	local.Conn
+	KeyEpochOut    uint16 `json:"key_epoch_out"`
+	KeyEpochIn     uint16 `json:"key_epoch_in"`
+	RotateInFrames uint64 `json:"rotate_in_frames"`
+}
 
 // PeerRow is one row of the peer table.
 type PeerRow struct {

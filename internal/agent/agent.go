@@ -47,8 +47,10 @@ type Agent struct {
 
 	partitions map[string]*partition // fixed after start
 	self       *selfCarrier
+	budget     *memBudget // limits.memory: bytes buffered for all channels
 	policy     atomic.Pointer[policy.Policy]
 	revoked    atomic.Pointer[cert.Revocations]
+	rev        revocationState // serial order of revocation lists (revoke.go)
 	tables     *tables
 	counters   counters
 
@@ -121,7 +123,8 @@ func New(cfg *config.Config, log *slog.Logger) (*Agent, error) {
 		procs:      map[ident.Key]int{},
 		localConns: map[*net.UnixConn]struct{}{},
 	}
-	a.self = &selfCarrier{a}
+	a.budget = newBudget(int64(cfg.Limits.Memory), int64(cfg.Limits.Memory)/8, 2*minWindow)
+	a.self = &selfCarrier{a: a, bud: a.peerBudget()}
 	a.policy.Store(cfg.Policy)
 	a.linkCfg = &link.Config{
 		Private:          nodeKey[:32],
@@ -138,7 +141,7 @@ func New(cfg *config.Config, log *slog.Logger) (*Agent, error) {
 	a.identSlot = nodeKey
 	for name, p := range cfg.Peers {
 		pr := newPeer(name, p.Address)
-		pr.carrier = &peerCarrier{a: a, p: pr}
+		pr.carrier = &peerCarrier{a: a, p: pr, bud: a.peerBudget()}
 		a.peers[name] = pr
 	}
 	if cfg.Revocations != "" {
@@ -147,6 +150,21 @@ func New(cfg *config.Config, log *slog.Logger) (*Agent, error) {
 		}
 	}
 	return a, nil
+}
+
+// peerBudget returns a peer's part of the memory budget: a quarter, so
+// that the channels of one peer cannot take all of it.
+func (a *Agent) peerBudget() *memBudget {
+	return newBudget(max(a.budget.limit/4, 2*int64(a.cfg.Limits.Window)), 0, 0)
+}
+
+// MemoryLimit is the soft limit of the Go runtime for an agent process with
+// this config (debug.SetMemoryLimit): its memory budget for channel data,
+// and room for everything else — the tables, the free lists, idle
+// channels and the runtime — so that memory the channels give back
+// returns to the system promptly.
+func MemoryLimit(cfg *config.Config) int64 {
+	return 2*int64(cfg.Limits.Memory) + int64(cfg.Limits.Channels)*16<<10 + 64<<20
 }
 
 // maxAccepting bounds the channel opens from peers being accepted at once.

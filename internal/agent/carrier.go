@@ -20,9 +20,12 @@ import (
 
 // peerCarrier carries channels to one peer over its current link.
 type peerCarrier struct {
-	a *Agent
-	p *peer
+	a   *Agent
+	p   *peer
+	bud *memBudget // the peer's part of the memory budget
 }
+
+func (c *peerCarrier) budget() *memBudget { return c.bud }
 
 var errNoLink = errors.New("no link to the peer")
 
@@ -51,7 +54,12 @@ func (c *peerCarrier) sendData(frame []byte) error {
 // selfCarrier carries the frames of a channel between two partitions of
 // this agent: straight into its own receiving side, through the same
 // checks as frames from a peer.
-type selfCarrier struct{ a *Agent }
+type selfCarrier struct {
+	a   *Agent
+	bud *memBudget
+}
+
+func (c *selfCarrier) budget() *memBudget { return c.bud }
 
 func (c *selfCarrier) name() string { return c.a.cfg.Node }
 
@@ -109,7 +117,7 @@ func (a *Agent) resumePeer(p *peer) {
 	chs := slices.DeleteFunc(a.channelsOf(p), func(ch *channel) bool {
 		ch.mu.Lock()
 		defer ch.mu.Unlock()
-		return ch.state.status != "open"
+		return ch.state.status != statusOpen
 	})
 	for _, ch := range chs {
 		a.goRun(ch.resume)

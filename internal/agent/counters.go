@@ -12,6 +12,7 @@ type counters struct {
 	unknownIndex, wrongIDs, badEpoch, auth, replay, outOfOrder, credit, malformed atomic.Uint64
 	framesIn, framesOut, retransmits, opensOK, opensRefused                       atomic.Uint64
 	resumes, graceExpired, rotations, rekeys, keyStalls                           atomic.Uint64
+	duplicates, memoryDrops, resendAsks, timeouts                                 atomic.Uint64
 
 	mu      sync.Mutex
 	refused map[string]*atomic.Uint64 // by reason; the reasons are constants of this package
@@ -64,6 +65,12 @@ func (c *counters) snapshot() map[string]uint64 {
 		"data_frames_out":        c.framesOut.Load(),
 		"opens_accepted":         c.opensOK.Load(),
 		"opens_refused":          c.opensRefused.Load(),
+		// Not rejections: copies of frames we had, sent again by a sender
+		// that had not yet heard we had them (a resume, a retransmission).
+		"duplicate_frames":      c.duplicates.Load(),
+		"frames_dropped_memory": c.memoryDrops.Load(),
+		"resend_requests":       c.resendAsks.Load(),
+		"retransmit_timeouts":   c.timeouts.Load(),
 	}
 	c.mu.Lock()
 	for r, n := range c.refused {

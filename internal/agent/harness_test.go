@@ -19,7 +19,6 @@ import (
 	"sinc.dev/sinc/internal/cluster"
 	"sinc.dev/sinc/internal/config"
 	"sinc.dev/sinc/internal/link"
-	"sinc.dev/sinc/internal/local"
 	"sinc.dev/sinc/internal/wire"
 )
 
@@ -137,7 +136,7 @@ func random(t testing.TB, n int) []byte {
 }
 
 // conns returns an agent's whole connection table through its admin socket.
-func conns(t *testing.T, a *testAgent) []local.Conn {
+func conns(t *testing.T, a *testAgent) []admin.ConnRow {
 	t.Helper()
 	resp, err := admin.Query(ctxT(t), a.node.Admin, admin.Request{Op: "conns"})
 	if err != nil {

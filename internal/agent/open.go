@@ -77,13 +77,15 @@ func (a *Agent) dial(p *partition, proc *procRef, sock *net.UnixConn, pre *bytes
 	ch.dialed = true
 	ch.setSocket(sock, pre)
 	ch.opened = make(chan *local.Error, 1)
-	ch.state = chanState{peer: addr.Node, remotePart: addr.Partition, status: "opening"}
+	ch.state = chanState{peer: addr.Node, remotePart: addr.Partition, status: statusOpening}
+	if !ch.openWindow() {
+		proc.release(true)
+		return fail(wire.CodeLimit, a.cfg.Node, "%s", a.budgetSpent())
+	}
 	if err := ch.keys.alloc(a.arena); err != nil {
 		proc.release(true)
 		return fail(wire.CodeLimit, a.cfg.Node, "%s", a.tableFull())
 	}
-	ch.keys.pickRecv()
-	ch.granted = uint64(ch.window)
 	ch.conn = local.Conn{Partition: p.name, Process: proc.wire(), RemoteNode: addr.Node,
 		RemotePartition: addr.Partition, RemoteService: addr.Service, Kind: kind.String(), Dialed: true, Created: time.Now()}
 	if err := a.tables.add(ch); err != nil {
@@ -91,17 +93,21 @@ func (a *Agent) dial(p *partition, proc *procRef, sock *net.UnixConn, pre *bytes
 		proc.release(true)
 		return fail(wire.CodeLimit, a.cfg.Node, "%s", a.tableFull())
 	}
+	// From here the channel is in the tables: anything may end it (the
+	// peer restarting, the agent stopping), and its keys with it.
 	m := &wire.Open{Kind: kind, Index: ch.state.index, Conn: ch.id, Window: ch.window,
 		SrcNode: a.cfg.Node, SrcPart: p.name, SrcProc: proc.wireID(),
 		DstNode: addr.Node, DstPart: addr.Partition, DstSvc: addr.Service}
-	copy(m.Key[:], ch.keys.recvKey())
+	if !ch.keys.copyRecv(m.Key[:]) {
+		return nil, <-ch.opened // ended: end handed the reason to opened
+	}
 	msg := m.Marshal()
 	clear(m.Key[:])
 	err = car.sendControl(msg)
 	clear(msg)
 	if err != nil {
 		ch.end(nil, false)
-		return fail(wire.CodeUnreachable, a.cfg.Node, "node %q: %v", addr.Node, err)
+		return fail(wire.CodeUnreachable, a.cfg.Node, "node %q: the link failed as the open was sent", addr.Node)
 	}
 	timer := time.NewTimer(time.Until(deadline))
 	defer timer.Stop()
@@ -126,6 +132,12 @@ func (a *Agent) dial(p *partition, proc *procRef, sock *net.UnixConn, pre *bytes
 // match) is full.
 func (a *Agent) tableFull() string {
 	return fmt.Sprintf("%s has %d channels open, its limit", a.cfg.Node, a.cfg.Limits.Channels)
+}
+
+// budgetSpent says the memory budget is spent: only its reserve, for the
+// channels already open, is left.
+func (a *Agent) budgetSpent() string {
+	return fmt.Sprintf("%s has spent its memory budget (limits.memory = %d bytes) on the channels it has open", a.cfg.Node, a.cfg.Limits.Memory)
 }
 
 // waitLink waits until pr has a link up, or deadline.
@@ -163,19 +175,29 @@ func (a *Agent) handleAccept(car carrier, m *wire.Accept) {
 		return
 	}
 	ch.mu.Lock()
-	if ch.carrier != car || ch.state.status != "opening" {
+	if ch.carrier != car || ch.state.status != statusOpening {
 		ch.mu.Unlock()
 		a.counters.wrongIDs.Add(1)
 		a.log.Warn("channel accept that does not match an open", "peer", car.name(), "index", m.InitIndex)
 		return
 	}
-	ch.state.remoteIndex, ch.state.remoteConn, ch.state.status = m.Index, m.Conn, "open"
-	ch.conn.RemoteProcess = local.Proc{PID: m.DstProc.PID, UID: m.DstProc.UID, GID: m.DstProc.GID}
-	ch.mu.Unlock()
+	if m.Window > wire.MaxWindow || m.Window == 0 {
+		ch.mu.Unlock()
+		a.counters.malformed.Add(1)
+		a.log.Warn("peer accepted a channel with an impossible window", "peer", car.name(), "window", m.Window)
+		ch.opened <- &local.Error{Code: wire.CodeProtocol.String(), By: car.name(),
+			Message: fmt.Sprintf("%s answered with a window of %d bytes", car.name(), m.Window)}
+		return
+	}
+	// Under mu, not ended: the keys are there (end marks the channel
+	// ended under mu before it zeroes them).
 	ch.keys.setSend(m.Key[:])
+	ch.state.remoteIndex, ch.state.remoteConn, ch.state.status = m.Index, m.Conn, statusOpen
+	ch.conn.RemoteProcess = local.Proc{PID: m.DstProc.PID, UID: m.DstProc.UID, GID: m.DstProc.GID}
 	ch.smu.Lock()
 	ch.peerGrant = uint64(m.Window)
 	ch.smu.Unlock()
+	ch.mu.Unlock()
 	if !a.tables.setRemote(ch) {
 		ch.opened <- &local.Error{Code: wire.CodeExists.String(), Message: "duplicate channel ids from " + car.name()}
 		return
@@ -190,7 +212,7 @@ func (a *Agent) handleRefuse(car carrier, m *wire.Refuse) {
 		return
 	}
 	ch.mu.Lock()
-	ok := ch.carrier == car && ch.state.status == "opening"
+	ok := ch.carrier == car && ch.state.status == statusOpening
 	ch.mu.Unlock()
 	if !ok {
 		a.counters.wrongIDs.Add(1)
@@ -216,6 +238,11 @@ func (a *Agent) handleOpen(car carrier, m *wire.Open) {
 		// peer to read, and the peer's reader may be writing to us.
 		msg := r.Marshal()
 		a.goRun(func() { car.sendControl(msg) })
+	}
+	if m.Window > wire.MaxWindow || m.Window == 0 {
+		a.log.Warn("peer opened a channel with an impossible window", "peer", car.name(), "window", m.Window)
+		refuse(wire.CodeProtocol, "a window of %d bytes is not between 1 and %d", m.Window, wire.MaxWindow)
+		return
 	}
 	if m.SrcNode != car.name() {
 		a.log.Warn("peer opened a channel in another node's name", "peer", car.name(), "claimed", m.SrcNode)
@@ -291,17 +318,21 @@ func (a *Agent) accept(car carrier, m *wire.Open, p *partition, l *listener) (wi
 	}
 	ch := a.newChannel(m.Kind, p.name, l.proc, car)
 	ch.setSocket(c.(*net.UnixConn), nil)
-	ch.state = chanState{peer: car.name(), remotePart: m.SrcPart, remoteIndex: m.Index, remoteConn: m.Conn, status: "open"}
+	ch.state = chanState{peer: car.name(), remotePart: m.SrcPart, remoteIndex: m.Index, remoteConn: m.Conn, status: statusOpen}
+	if !ch.openWindow() {
+		unix.Close(fds[1])
+		ch.sock.Close()
+		l.proc.release(false)
+		return wire.CodeLimit, a.budgetSpent()
+	}
 	if err := ch.keys.alloc(a.arena); err != nil {
 		unix.Close(fds[1])
 		ch.sock.Close()
 		l.proc.release(false)
 		return wire.CodeLimit, a.tableFull()
 	}
-	ch.keys.pickRecv()
 	ch.keys.setSend(m.Key[:])
 	ch.peerGrant = uint64(m.Window)
-	ch.granted = uint64(ch.window)
 	ch.conn = local.Conn{Partition: p.name, Process: l.proc.wire(), Service: l.service, RemoteNode: m.SrcNode,
 		RemotePartition: m.SrcPart, RemoteProcess: local.Proc{PID: m.SrcProc.PID, UID: m.SrcProc.UID, GID: m.SrcProc.GID},
 		Kind: m.Kind.String(), Created: time.Now()}
@@ -314,23 +345,30 @@ func (a *Agent) accept(car carrier, m *wire.Open, p *partition, l *listener) (wi
 		}
 		return wire.CodeLimit, a.tableFull()
 	}
+	// From here the channel is in the tables: the peer may close it, or
+	// restart, at any moment, and its keys go with it. Each step below
+	// finds out; a channel that ended is told to its socket by start.
+	acc := &wire.Accept{InitIndex: m.Index, InitConn: m.Conn, Index: ch.state.index, Conn: ch.id,
+		Window: ch.window, DstProc: l.proc.wireID()}
+	if !ch.keys.copyRecv(acc.Key[:]) {
+		unix.Close(fds[1]) // ended before the listener heard of it
+		ch.start()
+		return wire.CodeOK, ""
+	}
+	defer clear(acc.Key[:])
 	row := ch.row()
 	err = l.notify(&row, fds[1])
 	unix.Close(fds[1])
 	if err != nil {
 		ch.end(nil, false)
-		ch.sock.Close()
+		ch.start()
 		return wire.CodeBusy, fmt.Sprintf("the listener of %s/%s/%s is not accepting: %v", a.cfg.Node, p.name, l.service, err)
 	}
-	acc := &wire.Accept{InitIndex: m.Index, InitConn: m.Conn, Index: ch.state.index, Conn: ch.id,
-		Window: ch.window, DstProc: l.proc.wireID()}
-	copy(acc.Key[:], ch.keys.recvKey())
 	msg := acc.Marshal()
-	clear(acc.Key[:])
 	err = car.sendControl(msg)
 	clear(msg)
 	if err != nil {
-		ch.abort(wire.CodeUnreachable, "the link to "+car.name()+" failed: "+err.Error(), false)
+		ch.abort(wire.CodeUnreachable, "the link to "+car.name()+" failed as the channel was accepted", false)
 	}
 	a.counters.opensOK.Add(1)
 	ch.start()

@@ -3,12 +3,14 @@ package agent
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"os"
+	"slices"
 	"sync"
 	"time"
 
@@ -337,9 +339,5 @@ func validService(s string) error {
 }
 
 func sortRows(rows []local.Conn) {
-	for i := 1; i < len(rows); i++ {
-		for j := i; j > 0 && rows[j].ID < rows[j-1].ID; j-- {
-			rows[j], rows[j-1] = rows[j-1], rows[j]
-		}
-	}
+	slices.SortFunc(rows, func(x, y local.Conn) int { return cmp.Compare(x.ID, y.ID) })
 }

@@ -61,13 +61,13 @@ func TestBadLocalRequests(t *testing.T) {
 		name, req, code string
 	}{
 		{"not JSON", "hello agent\n", "bad_request"},
-		{"unknown field", `{"v":1,"op":"open","to":"node-b/db/echo","key":"give"}` + "\n", "bad_request"},
+		{"unknown field", `{"v":2,"op":"open","to":"node-b/db/echo","key":"give"}` + "\n", "bad_request"},
 		{"wrong version", `{"v":9,"op":"conns"}` + "\n", "bad_request"},
-		{"unknown op", `{"v":1,"op":"keys"}` + "\n", "bad_request"},
-		{"bad address", `{"v":1,"op":"open","to":"node-b/db"}` + "\n", "bad_request"},
-		{"bad kind", `{"v":1,"op":"open","to":"node-b/db/echo","kind":"datagram"}` + "\n", "bad_request"},
-		{"oversized", `{"v":1,"op":"open","to":"` + strings.Repeat("x", local.MaxRequest) + `"}` + "\n", "bad_request"},
-		{"no newline then silence", `{"v":1,"op":"conns"}`, "timeout"},
+		{"unknown op", `{"v":2,"op":"keys"}` + "\n", "bad_request"},
+		{"bad address", `{"v":2,"op":"open","to":"node-b/db"}` + "\n", "bad_request"},
+		{"bad kind", `{"v":2,"op":"open","to":"node-b/db/echo","kind":"datagram"}` + "\n", "bad_request"},
+		{"oversized", `{"v":2,"op":"open","to":"` + strings.Repeat("x", local.MaxRequest) + `"}` + "\n", "bad_request"},
+		{"no newline then silence", `{"v":2,"op":"conns"}`, "timeout"},
 	} {
 		r, closed := rawRequest(t, sock, []byte(tc.req), 3*time.Second)
 		if r == nil || r.OK || r.Error == nil || r.Error.Code != tc.code {
@@ -91,7 +91,7 @@ func TestBadLocalRequests(t *testing.T) {
 	defer func() { close(stop); <-done }()
 	go func() {
 		defer close(done)
-		for _, b := range []byte(`{"v":1,"op":"conns"}`) {
+		for _, b := range []byte(`{"v":2,"op":"conns"}`) {
 			if _, err := slow.Write([]byte{b}); err != nil {
 				return
 			}
@@ -179,7 +179,7 @@ func TestLimits(t *testing.T) {
 		defer s.Close()
 	}
 	time.Sleep(50 * time.Millisecond)
-	r, _ := rawRequest(t, p.sock("node-a", "web"), []byte(`{"v":1,"op":"conns"}`+"\n"), time.Second)
+	r, _ := rawRequest(t, p.sock("node-a", "web"), []byte(`{"v":2,"op":"conns"}`+"\n"), time.Second)
 	if r == nil || r.Error == nil || r.Error.Code != "busy" {
 		t.Fatalf("third request while two are pending: %+v", r)
 	}

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"math/rand/v2"
@@ -10,7 +11,6 @@ import (
 
 	"sinc.dev/sinc/internal/admin"
 	"sinc.dev/sinc/internal/link"
-	"sinc.dev/sinc/internal/local"
 )
 
 // peer is one row of the peer table; fields are guarded by Agent.mu.
@@ -301,11 +301,11 @@ func (a *Agent) handleAdmin(req admin.Request) *admin.Response {
 	case "peers":
 		return &admin.Response{OK: true, Node: a.cfg.Node, Peers: a.peerRows()}
 	case "conns":
-		rows := []local.Conn{}
+		rows := []admin.ConnRow{}
 		for _, ch := range a.tables.all() {
-			rows = append(rows, ch.row())
+			rows = append(rows, ch.adminRow())
 		}
-		sortRows(rows)
+		slices.SortFunc(rows, func(x, y admin.ConnRow) int { return cmp.Compare(x.ID, y.ID) })
 		return &admin.Response{OK: true, Node: a.cfg.Node, Conns: rows}
 	case "stats":
 		return &admin.Response{OK: true, Node: a.cfg.Node, Counters: a.counters.snapshot()}

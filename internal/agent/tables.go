@@ -1,18 +1,13 @@
 package agent
 
 import (
-	"crypto/aes"
-	"crypto/cipher"
 	"crypto/rand"
 	"encoding/binary"
 	"errors"
 	"sync"
-	"time"
 
+	"sinc.dev/sinc/internal/admin"
 	"sinc.dev/sinc/internal/local"
-	"sinc.dev/sinc/internal/replay"
-	"sinc.dev/sinc/internal/secret"
-	"sinc.dev/sinc/internal/wire"
 )
 
 // The agent's three tables (DESIGN.md §6). One id, the connection id, names
@@ -147,202 +142,23 @@ func (t *tables) len() int {
 	return len(t.byID)
 }
 
-// chanState is a channel's row in the channel state table.
-type chanState struct {
-	index       uint32 // ours: data frames to us carry it
-	peer        string // the node frames must come from (the link's authenticated peer)
-	remotePart  string
-	remoteIndex uint32 // theirs: data frames we send carry it
-	remoteConn  uint64
-	status      string // opening, open, closing
-}
-
-// keyEntry is a channel's row in the key table. The keys live in protected
-// memory (slot): the send key, which the peer chose, seals frames to the
-// peer; the receive key, which we chose, opens frames to us. Their AEADs
-// (send, recv) are made on first use and dropped when a sweep finds them
-// unused since the last (channel.sweep): an AES-GCM's expanded key takes
-// about 750 bytes of heap, which two AEADs per channel would hold in every
-// idle channel of both agents.
-type keyEntry struct {
-	mu        sync.Mutex // guards the sending fields and slot (the sending pump, rekeys, close)
-	arena     *secret.Arena
-	slot      []byte // protected memory: send key, receive key, retiring receive key
-	zeroized  bool
-	sendEpoch uint16
-	send      cipher.AEAD // nil until used (see sealer)
-	sendUsed  bool        // since the last sweep
-	sendCtr   uint64
-	sealed    uint64 // frames sealed under sendEpoch
-	sealedB   uint64 // payload bytes sealed under sendEpoch
-	rekeySig  chan struct{}
-
-	// receiving side, guarded by channel.rmu
-	recvEpoch uint16
-	recv      cipher.AEAD // nil until used (see opener)
-	recvUsed  bool        // since the last sweep
-	recvSince time.Time
-	opened    uint64 // frames opened under recvEpoch
-	openedB   uint64
-	old       cipher.AEAD // the retiring receive key, while its frames may still come
-	oldEpoch  uint16
-	window    replay.Window
-}
-
-// alloc takes the entry's protected memory.
-func (k *keyEntry) alloc(a *secret.Arena) error {
-	s, err := a.Alloc()
-	if err != nil {
-		return err
-	}
-	k.arena, k.slot = a, s
-	return nil
-}
-
-func (k *keyEntry) sendKey() []byte { return k.slot[:wire.KeyLen] }
-func (k *keyEntry) recvKey() []byte { return k.slot[wire.KeyLen : 2*wire.KeyLen] }
-func (k *keyEntry) oldKey() []byte  { return k.slot[2*wire.KeyLen : 3*wire.KeyLen] }
-
-// setSend takes the key the peer chose for traffic to it.
-func (k *keyEntry) setSend(key []byte) {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	copy(k.sendKey(), key)
-	k.send = nil
-	tellKey("channel send", k.sendKey())
-}
-
-// pickRecv chooses a fresh random key for traffic to us.
-func (k *keyEntry) pickRecv() {
-	rand.Read(k.recvKey())
-	k.recv = nil
-	k.recvSince = time.Now()
-	tellKey("channel receive", k.recvKey())
-}
-
-// rotateRecv moves the receive key aside, to open the frames still sealed
-// with it, and picks a new one under the next epoch. Called under
-// channel.rmu, with no rotation under way.
-func (k *keyEntry) rotateRecv() {
-	k.mu.Lock() // the slot
-	copy(k.oldKey(), k.recvKey())
-	k.mu.Unlock()
-	k.old, k.oldEpoch = k.recv, k.recvEpoch
-	if k.old == nil {
-		k.old = newGCM(k.oldKey())
-	}
-	k.recvEpoch++
-	k.opened, k.openedB = 0, 0
-	k.pickRecv()
-}
-
-// retireOld zeroes the retiring receive key: every frame sealed with it
-// has arrived. Called under channel.rmu.
-func (k *keyEntry) retireOld() {
-	k.mu.Lock()
-	if k.slot != nil {
-		clear(k.oldKey())
-	}
-	k.mu.Unlock()
-	k.old = nil
-}
-
-// sealer returns the AEAD that seals frames to the peer, made now if
-// need be, or nil once the keys are gone. Called under k.mu.
-func (k *keyEntry) sealer() cipher.AEAD {
-	if k.slot == nil {
-		return nil
-	}
-	if k.send == nil {
-		k.send = newGCM(k.sendKey())
-	}
-	k.sendUsed = true
-	return k.send
-}
-
-// opener returns the AEAD that opens frames to us under recvEpoch, made
-// now if need be, or nil once the keys are gone. Called under
-// channel.rmu, which the keys are dropped under too.
-func (k *keyEntry) opener() cipher.AEAD {
-	if k.slot == nil {
-		return nil
-	}
-	if k.recv == nil {
-		k.recv = newGCM(k.recvKey())
-	}
-	k.recvUsed = true
-	return k.recv
-}
-
-// sweep makes an idle channel let go of what it need not hold:
-//   - the AEADs not used since the last sweep (the keys stay, and the next
-//     frame makes its AEAD again; the retiring receive AEAD of a rotation
-//     under way stays, as the rotation ends with the peer's first frame
-//     under the new key);
-//   - the frames acknowledged since the channel last sent, back to the
-//     free list, unless a send holds them now;
-//   - and, in the peer, the frames we have and did not acknowledge yet
-//     (credit goes back by half windows, so the last few frames of a burst
-//     would wait in its retransmit buffer): they are acknowledged now.
-func (ch *channel) sweep() {
-	if ch.txmu.TryLock() {
-		ch.smu.Lock()
-		ch.recycleLocked()
-		ch.smu.Unlock()
-		ch.txmu.Unlock()
-	}
-	k := &ch.keys
-	k.mu.Lock()
-	if !k.sendUsed {
-		k.send = nil
-	}
-	k.sendUsed = false
-	k.mu.Unlock()
-	ch.rmu.Lock()
-	if !k.recvUsed {
-		k.recv = nil
-	}
-	k.recvUsed = false
-	unacked := ch.next > ch.ackSent
-	ch.rmu.Unlock()
-	if unacked {
-		ch.a.goRun(func() { ch.sendAck(false) })
-	}
-}
-
-func newGCM(k []byte) cipher.AEAD {
-	b, err := aes.NewCipher(k)
-	if err != nil {
-		panic(err) // cannot happen: the key is 32 bytes
-	}
-	g, err := cipher.NewGCM(b)
-	if err != nil {
-		panic(err)
-	}
-	return g
-}
-
-// zero drops the keys. Frames can no longer be sealed or opened.
-func (k *keyEntry) zero() {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	if k.slot != nil {
-		k.arena.Free(k.slot) // zeroes it
-		k.slot = nil
-	}
-	k.send, k.recv, k.old = nil, nil, nil
-	k.zeroized = true
-}
-
-// row returns the channel's connection table row.
+// row returns the channel's connection table row, as the processes of its
+// partition see it.
 func (ch *channel) row() local.Conn {
 	ch.mu.Lock()
 	defer ch.mu.Unlock()
 	r := ch.conn
 	r.ID = ch.id
-	r.State = ch.state.status
+	r.State = ch.state.status.String()
 	r.BytesIn, r.BytesOut = ch.bytesIn.Load(), ch.bytesOut.Load()
 	r.RecordsIn, r.RecordsOut = ch.recsIn.Load(), ch.recsOut.Load()
+	return r
+}
+
+// adminRow returns the channel's row as the operator sees it: with the key
+// lifecycle, which no process sees.
+func (ch *channel) adminRow() admin.ConnRow {
+	r := admin.ConnRow{Conn: ch.row()}
 	k := &ch.keys
 	ch.rmu.Lock()
 	r.KeyEpochIn = k.recvEpoch

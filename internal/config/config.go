@@ -11,6 +11,7 @@
 //	listen = "127.0.0.1:7701"        # peer link address
 //	admin  = "/run/sinc/node-a/admin.sock"
 //	revocations = "revoked.crl"      # optional: the CA's revocation list, followed as it changes
+//	state_dir = "state"              # default; the newest revocation list seen, kept across restarts
 //
 //	[timers]                         # optional; these are the defaults
 //	handshake = "5s"
@@ -50,6 +51,7 @@
 package config
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"io"
@@ -84,6 +86,9 @@ type Config struct {
 	Admin  string
 	// Revocations is the CA-signed revocation list to follow; "" for none.
 	Revocations string
+	// StateDir is the agent's own folder for what it must remember across
+	// restarts (the newest revocation list it has seen).
+	StateDir string
 
 	Timers Timers
 	Limits Limits
@@ -119,6 +124,7 @@ type Limits struct {
 	RekeyFrames           int // frames a link carries before a fresh handshake
 	RotateFrames          int // frames under one channel key before a new one
 	RotateBytes           int // bytes under one channel key before a new one
+	Memory                int // bytes the agent buffers for all channels at most
 
 	PendingHandshakesPerSource int // from one IPv4 address or IPv6 /64
 }
@@ -163,6 +169,7 @@ var (
 		RekeyFrames:           1 << 30,
 		RotateFrames:          1 << 24,
 		RotateBytes:           1 << 34,
+		Memory:                256 << 20,
 
 		PendingHandshakesPerSource: 8,
 	}
@@ -177,6 +184,7 @@ type file struct {
 	Listen      string `toml:"listen"`
 	Admin       string `toml:"admin"`
 	Revocations string `toml:"revocations"`
+	StateDir    string `toml:"state_dir"`
 	Timers      struct {
 		Handshake string `toml:"handshake"`
 		Keepalive string `toml:"keepalive"`
@@ -200,6 +208,7 @@ type file struct {
 		RekeyFrames           *int `toml:"rekey_frames"`
 		RotateFrames          *int `toml:"rotate_frames"`
 		RotateBytes           *int `toml:"rotate_bytes"`
+		Memory                *int `toml:"memory"`
 
 		PendingHandshakesPerSource *int `toml:"pending_handshakes_per_source"`
 	} `toml:"limits"`
@@ -349,6 +358,7 @@ func Parse(path string, data []byte) (*Config, error) {
 	if f.Revocations != "" {
 		c.Revocations = absPath(base, f.Revocations)
 	}
+	c.StateDir = absPath(base, cmp.Or(f.StateDir, "state"))
 	if f.Listen == "" {
 		return nil, fail("listen", errors.New("missing: the peer link address, host:port"))
 	}
@@ -408,6 +418,7 @@ func Parse(path string, data []byte) (*Config, error) {
 		{"limits.rekey_frames", f.Limits.RekeyFrames, &c.Limits.RekeyFrames, 16, 1 << 40},
 		{"limits.rotate_frames", f.Limits.RotateFrames, &c.Limits.RotateFrames, 4, 1 << 40},
 		{"limits.rotate_bytes", f.Limits.RotateBytes, &c.Limits.RotateBytes, MinWindow, 1 << 50},
+		{"limits.memory", f.Limits.Memory, &c.Limits.Memory, MinMemory, 1 << 40},
 	} {
 		if l.val == nil {
 			continue
@@ -495,11 +506,18 @@ func Parse(path string, data []byte) (*Config, error) {
 	return c, nil
 }
 
-// Bounds of limits.window: a window holds at least one largest frame.
+// Bounds of limits.window: a window holds at least one largest frame (a
+// frame's payload: 64 KiB of a stream, or the largest message with its
+// 4-byte length, and room to spare); at most what the channel protocol
+// allows (wire.MaxWindow).
 const (
-	MinWindow = 64 << 10
+	MinWindow = 64<<10 + 64
 	MaxWindow = 64 << 20
 )
+
+// MinMemory is the least limits.memory: room for a largest window and the
+// budget's reserve.
+const MinMemory = 4 << 20
 
 // decodeMsg is the form of the TOML library's errors for a value of the
 // wrong type for its Go field: "toml: line 4 (last key "a.b"): incompatible

@@ -104,7 +104,7 @@ func TestParseGood(t *testing.T) {
 	}
 	wantLimits := config.Limits{PendingHandshakes: 16, PendingHandshakesPerSource: 8, Channels: 100, ChannelsPerPartition: 50, ChannelsPerProcess: 10,
 		ListenersPerPartition: 8, PendingRequests: 4, Window: 128 << 10,
-		RekeyFrames: 1 << 30, RotateFrames: 1 << 24, RotateBytes: 1 << 34}
+		RekeyFrames: 1 << 30, RotateFrames: 1 << 24, RotateBytes: 1 << 34, Memory: 256 << 20}
 	if c.Limits != wantLimits {
 		t.Errorf("Limits = %+v, want %+v", c.Limits, wantLimits)
 	}
@@ -183,11 +183,11 @@ func TestParseDefaults(t *testing.T) {
 		DialMin: 200 * time.Millisecond, DialMax: 30 * time.Second, Open: 5 * time.Second, Request: 5 * time.Second, Grace: 30 * time.Second, Rekey: 2 * time.Minute, Rotate: 10 * time.Minute}
 	wantLimits := config.Limits{PendingHandshakes: 256, PendingHandshakesPerSource: 8, Channels: 16384, ChannelsPerPartition: 8192, ChannelsPerProcess: 1024,
 		ListenersPerPartition: 256, PendingRequests: 64, Window: 524288,
-		RekeyFrames: 1 << 30, RotateFrames: 1 << 24, RotateBytes: 1 << 34}
+		RekeyFrames: 1 << 30, RotateFrames: 1 << 24, RotateBytes: 1 << 34, Memory: 256 << 20}
 	if config.DefaultTimers != want || config.DefaultLimits != wantLimits {
 		t.Errorf("defaults changed: %+v %+v", config.DefaultTimers, config.DefaultLimits)
 	}
-	if config.MinWindow != 65536 || config.MaxWindow != 64<<20 {
+	if config.MinWindow != 65536+64 || config.MaxWindow != 64<<20 {
 		t.Errorf("window bounds changed: %d..%d", config.MinWindow, config.MaxWindow)
 	}
 	// Empty tables change nothing.
@@ -255,7 +255,8 @@ func TestLimits(t *testing.T) {
 		{"channels_per_process", 1, 1 << 20, func(l *config.Limits) *int { return &l.ChannelsPerProcess }},
 		{"listeners_per_partition", 1, 65536, func(l *config.Limits) *int { return &l.ListenersPerPartition }},
 		{"pending_requests", 1, 65536, func(l *config.Limits) *int { return &l.PendingRequests }},
-		{"window", 65536, 64 << 20, func(l *config.Limits) *int { return &l.Window }},
+		{"window", 65536 + 64, 64 << 20, func(l *config.Limits) *int { return &l.Window }},
+		{"memory", 4 << 20, 1 << 40, func(l *config.Limits) *int { return &l.Memory }},
 	} {
 		for _, v := range []int{l.min, l.min + 1, (l.min + l.max) / 2, l.max} {
 			line := l.key + " = " + strconv.Itoa(v)
@@ -289,10 +290,10 @@ func TestLimits(t *testing.T) {
 	}
 	// All of them at once.
 	c, err := config.Parse("/etc/a.toml", []byte(withLimits("pending_handshakes = 1\nchannels = 2\nchannels_per_partition = 3\n"+
-		"channels_per_process = 4\nlisteners_per_partition = 5\npending_requests = 6\nwindow = 65537")))
+		"channels_per_process = 4\nlisteners_per_partition = 5\npending_requests = 6\nwindow = 65600\nmemory = 8388608")))
 	want := config.Limits{PendingHandshakes: 1, PendingHandshakesPerSource: 8, Channels: 2, ChannelsPerPartition: 3, ChannelsPerProcess: 4,
-		ListenersPerPartition: 5, PendingRequests: 6, Window: 65537,
-		RekeyFrames: 1 << 30, RotateFrames: 1 << 24, RotateBytes: 1 << 34}
+		ListenersPerPartition: 5, PendingRequests: 6, Window: 65600,
+		RekeyFrames: 1 << 30, RotateFrames: 1 << 24, RotateBytes: 1 << 34, Memory: 8 << 20}
 	if err != nil || c.Limits != want {
 		t.Fatalf("got %+v, %v; want %+v", c, err, want)
 	}

@@ -17,7 +17,7 @@ import (
 
 // Protocol constants.
 const (
-	Version = 1
+	Version = 2
 
 	// MaxRequest bounds a request line, newline included.
 	MaxRequest = 4096
@@ -58,9 +58,9 @@ type Request struct {
 type Response struct {
 	OK    bool   `json:"ok"`
 	Error *Error `json:"error,omitempty"`
-	Conn  *Conn  `json:"conn,omitempty"`  // open
-	Conns []Conn `json:"conns,omitempty"` // conns
-	Addr  string `json:"addr,omitempty"`  // listen: node/partition/service listened on
+	Conn  *Conn  `json:"conn,omitempty"` // open
+	Conns []Conn `json:"conns,omitzero"` // conns: present, [] when empty
+	Addr  string `json:"addr,omitempty"` // listen: node/partition/service listened on
 }
 
 // Error is a typed failure: Code is one of the codes in docs/protocol.md;
@@ -110,12 +110,6 @@ type Conn struct {
 	BytesIn         uint64    `json:"bytes_in"`
 	RecordsOut      uint64    `json:"records_out"`
 	RecordsIn       uint64    `json:"records_in"`
-	// Key lifecycle, never the keys: the epoch of the key each direction
-	// is sealed with, and how many more frames the incoming key opens
-	// before this agent replaces it.
-	KeyEpochOut    uint16 `json:"key_epoch_out"`
-	KeyEpochIn     uint16 `json:"key_epoch_in"`
-	RotateInFrames uint64 `json:"rotate_in_frames"`
 }
 
 // ParseRequest decodes a request line strictly: one JSON object, no unknown

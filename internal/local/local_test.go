@@ -58,9 +58,9 @@ func FuzzRecordHeader(f *testing.F) {
 // FuzzParseRequest: any line a process sends is refused or is a request
 // of this version with only known fields.
 func FuzzParseRequest(f *testing.F) {
-	f.Add([]byte(`{"v":1,"op":"open","to":"node-b/db/pg","kind":"stream"}` + "\n"))
-	f.Add([]byte(`{"v":1,"op":"listen","service":"pg"}`))
-	f.Add([]byte(`{"v":1,"op":"conns"}{"v":1}`))
+	f.Add([]byte(`{"v":2,"op":"open","to":"node-b/db/pg","kind":"stream"}` + "\n"))
+	f.Add([]byte(`{"v":2,"op":"listen","service":"pg"}`))
+	f.Add([]byte(`{"v":2,"op":"conns"}{"v":1}`))
 	f.Add([]byte(`{"v":2}`))
 	f.Add([]byte(`{"v":1,"key":"x"}`))
 	f.Fuzz(func(t *testing.T, line []byte) {
@@ -72,12 +72,12 @@ func FuzzParseRequest(f *testing.F) {
 }
 
 func TestParseRequest(t *testing.T) {
-	for _, bad := range []string{`{"v":1,"op":"conns"}{"v":1}`, `{"v":2}`, `{"v":1,"key":"x"}`, `[1]`, ``} {
+	for _, bad := range []string{`{"v":2,"op":"conns"}{"v":2}`, `{"v":1,"op":"conns"}`, `{"v":3,"op":"conns"}`, `{"v":2,"key":"x"}`, `[1]`, ``} {
 		if _, err := ParseRequest([]byte(bad)); err == nil {
 			t.Errorf("ParseRequest(%q) succeeded", bad)
 		}
 	}
-	if r, err := ParseRequest([]byte(`{"v":1,"op":"open","to":"a/b/c"}` + "\n")); err != nil || r.To != "a/b/c" {
+	if r, err := ParseRequest([]byte(`{"v":2,"op":"open","to":"a/b/c"}` + "\n")); err != nil || r.To != "a/b/c" {
 		t.Fatalf("%+v %v", r, err)
 	}
 }

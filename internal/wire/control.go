@@ -50,6 +50,10 @@ const (
 const (
 	KeyLen    = 32
 	MaxReason = 512
+	// MaxWindow bounds what a receiver may let a sender have in flight on
+	// one channel: the Window of an Open or Accept, and Granted less the
+	// bytes the sender sent. More is a protocol error.
+	MaxWindow = 64 << 20
 )
 
 // Kind is a channel's kind.
@@ -183,6 +187,7 @@ const (
 	CodeAgentGone      Code = 14
 	CodeProtocol       Code = 15
 	CodeMessageTooLong Code = 16
+	CodeAborted        Code = 17 // a process aborted the channel (a close record)
 )
 
 var codeNames = map[Code]string{
@@ -191,6 +196,7 @@ var codeNames = map[Code]string{
 	CodeTimeout: "timeout", CodeLimit: "limit", CodeBadRequest: "bad_request", CodeClosed: "closed",
 	CodeReset: "reset", CodeInternal: "internal", CodeExists: "exists", CodeBusy: "busy",
 	CodeAgentGone: "agent_gone", CodeProtocol: "protocol", CodeMessageTooLong: "message_too_long",
+	CodeAborted: "aborted",
 }
 
 // String returns the code's name, as the local protocol spells it.
