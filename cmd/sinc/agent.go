@@ -11,6 +11,7 @@ import (
 
 	"sinc.dev/sinc/internal/agent"
 	"sinc.dev/sinc/internal/config"
+	"sinc.dev/sinc/internal/logx"
 )
 
 func runAgent(args []string, stdout, stderr io.Writer) error {
@@ -39,7 +40,15 @@ func runAgent(args []string, stdout, stderr io.Writer) error {
 	default:
 		return usagef("--log-format must be text or json, not %q", *format)
 	}
-	log := slog.New(h)
+	// Every line of the agent goes through the rate limit: a flood of bad
+	// handshakes or bad requests writes a few lines per kind and a count,
+	// not a line each (the counters in sinc stats count every one).
+	limiter := logx.New(h, logx.Options{})
+	log := slog.New(limiter)
+	logCtx, stopLog := context.WithCancel(context.Background())
+	logDone := make(chan struct{})
+	go func() { limiter.Run(logCtx); close(logDone) }()
+	defer func() { stopLog(); <-logDone }() // the last counts, at exit
 
 	if err := agent.Confine(); err != nil {
 		return err

@@ -4,8 +4,8 @@
 package agent
 
 import (
+	"bytes"
 	"context"
-	"crypto/ecdh"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -23,6 +23,7 @@ import (
 	"sinc.dev/sinc/internal/policy"
 	"sinc.dev/sinc/internal/secret"
 	"sinc.dev/sinc/internal/wire"
+	"sinc.dev/sinc/internal/x25519"
 )
 
 // Agent is one node's agent.
@@ -37,7 +38,7 @@ type Agent struct {
 
 	arena     *secret.Arena // protected memory for every key the agent holds
 	poller    *poller       // starts idle channels' outbound pumps; set by Run
-	pending   chan struct{} // one token per handshake in progress
+	pending   *link.Gate    // handshakes in progress on the peer port
 	accepting chan struct{} // one token per channel accept in progress
 
 	mu       sync.Mutex
@@ -89,13 +90,6 @@ func New(cfg *config.Config, log *slog.Logger) (*Agent, error) {
 			return nil, fmt.Errorf("config %s: partition %q is not in the node's certificate (it lists %v)", cfg.Path, p, c.Partitions)
 		}
 	}
-	key, err := cert.LoadNodeKey(cfg.Key)
-	if err != nil {
-		return nil, fmt.Errorf("key: %w", err)
-	}
-	if !key.PublicKey().Equal(mustX25519(c.PublicKey[:])) {
-		return nil, fmt.Errorf("key %s does not match the public key in cert %s", cfg.Key, cfg.Cert)
-	}
 	// Keys live in protected memory: one slot per channel (both
 	// directions' keys) and one for the node's key.
 	if fit := secret.Fit(keySlot, memlockReserve); fit < cfg.Limits.Channels+1 {
@@ -106,10 +100,14 @@ func New(cfg *config.Config, log *slog.Logger) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
+	// The node's key goes from its file straight into its slot, its one
+	// copy: handshakes read it there (package x25519).
 	nodeKey, _ := arena.Alloc()
-	priv, pub := link.KeyPair(key)
-	copy(nodeKey, priv)
-	clear(priv)
+	pub, err := loadNodeKey(cfg.Key, cfg.Cert, c, nodeKey)
+	if err != nil {
+		arena.Close()
+		return nil, err
+	}
 	tellKey("node", nodeKey[:32])
 	a := &Agent{
 		arena:      arena,
@@ -117,7 +115,7 @@ func New(cfg *config.Config, log *slog.Logger) (*Agent, error) {
 		log:        log.With("node", cfg.Node),
 		cert:       c,
 		instance:   link.NewInstance(),
-		pending:    make(chan struct{}, cfg.Limits.PendingHandshakes),
+		pending:    link.NewGate(cfg.Limits.PendingHandshakes, cfg.Limits.PendingHandshakesPerSource),
 		accepting:  make(chan struct{}, maxAccepting),
 		peers:      make(map[string]*peer, len(cfg.Peers)),
 		partitions: make(map[string]*partition, len(cfg.Partitions)),
@@ -180,12 +178,19 @@ const keySlot = 3 * wire.KeyLen
 // memlockReserve is locked memory left for other uses than keys.
 const memlockReserve = 64 << 10
 
-func mustX25519(b []byte) *ecdh.PublicKey {
-	k, err := ecdh.X25519().NewPublicKey(b)
-	if err != nil {
-		panic(err) // cannot happen: every 32-byte string is an X25519 key
+// loadNodeKey reads the node's private key from keyPath into slot
+// (protected memory) and checks it against the certificate c (read from
+// certPath): it returns the public key. On error the slot is zero.
+func loadNodeKey(keyPath, certPath string, c *cert.Certificate, slot []byte) (public []byte, err error) {
+	if err := cert.ReadNodeKey(keyPath, slot); err != nil {
+		return nil, fmt.Errorf("key: %w", err)
 	}
-	return k
+	public = make([]byte, x25519.Size)
+	if err := x25519.PublicKey(public, slot[:x25519.Size]); err != nil || !bytes.Equal(public, c.PublicKey[:]) {
+		clear(slot)
+		return nil, fmt.Errorf("key %s does not match the public key in cert %s", keyPath, certPath)
+	}
+	return public, nil
 }
 
 func sortedPartitions(cfg *config.Config) []string {
@@ -315,7 +320,13 @@ func (a *Agent) sweepIdle(ctx context.Context) {
 // Instance returns the agent's per-start instance id.
 func (a *Agent) Instance() [link.InstanceSize]byte { return a.instance }
 
+// acceptLoop takes connections on the peer port into the handshake gate
+// (link.Gate: bounded per source and in all, a full gate evicting the
+// flood's oldest rather than refusing) and runs each one's handshake.
 func (a *Agent) acceptLoop(ctx context.Context, ln net.Listener) {
+	// When the listener closes, handshakes under way end now, not at
+	// their timeout.
+	defer a.pending.Close()
 	for {
 		conn, err := ln.Accept()
 		if err != nil {
@@ -330,24 +341,43 @@ func (a *Agent) acceptLoop(ctx context.Context, ln net.Listener) {
 			}
 			continue
 		}
-		select {
-		case a.pending <- struct{}{}:
-		default:
-			a.log.Warn("peer connection refused: too many handshakes in progress",
-				"remote", conn.RemoteAddr().String(), "limit", cap(a.pending))
-			conn.Close()
-			continue
-		}
+		t := a.pending.Admit(conn)
 		a.goRun(func() {
-			l, err := link.Accept(conn, a.linkConfig())
-			<-a.pending
+			l, err := t.Accept(a.linkConfig())
 			if err != nil {
-				a.log.Warn("peer handshake failed", "remote", conn.RemoteAddr().String(), "err", err)
+				a.handshakeFailed(err)
 				return
 			}
 			a.adopt(ctx, l)
 		})
 	}
+}
+
+// handshakeFailed counts a handshake on the peer port that failed, by its
+// reason (refused_handshake_<reason> in sinc stats), and logs it with the
+// reason in the message, so that the log's rate limit (internal/logx),
+// which goes by message, keeps a flood of one kind from hiding another.
+func (a *Agent) handshakeFailed(err error) {
+	reason, remote := "failed", ""
+	var he *link.HandshakeError
+	if errors.As(err, &he) {
+		reason, remote = he.Reason(), he.Peer
+	}
+	if errors.Is(err, ErrRevoked) {
+		reason = "revoked"
+	}
+	attrs := []any{"remote", remote, "err", err}
+	switch reason {
+	case "closing": // the agent is stopping: not a refusal
+		a.log.Debug("peer handshake ended: agent stopping", attrs...)
+		return
+	case "evicted":
+		attrs = append(attrs, "limit", a.pending.Max())
+	case "per_source":
+		attrs = append(attrs, "limit", a.cfg.Limits.PendingHandshakesPerSource)
+	}
+	a.counters.refuse("handshake_" + reason)
+	a.log.Warn("peer handshake failed: "+reason, attrs...)
 }
 
 // adopt decides whether an accepted, authenticated link becomes its peer's
@@ -359,6 +389,7 @@ func (a *Agent) adopt(ctx context.Context, l *link.Link) {
 		return
 	}
 	if _, ok := a.peers[name]; !ok {
+		a.counters.refuse("handshake_not_peer")
 		a.log.Warn("peer handshake refused: not a configured peer", "remote", l.RemoteAddr().String(), "peer", name)
 		l.Refuse(fmt.Sprintf("node %q is not a configured peer of %q", name, a.cfg.Node))
 		return

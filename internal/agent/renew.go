@@ -45,20 +45,16 @@ func (a *Agent) reloadIdentity() error {
 			return fmt.Errorf("cert %s does not list partition %q", a.cfg.Cert, p)
 		}
 	}
-	key, err := cert.LoadNodeKey(a.cfg.Key)
-	if err != nil {
-		return err
-	}
-	if !key.PublicKey().Equal(mustX25519(c.PublicKey[:])) {
-		return fmt.Errorf("key %s does not match the public key in cert %s", a.cfg.Key, a.cfg.Cert)
-	}
+	// The new key goes from its file straight into a slot of its own.
 	slot, err := a.arena.Alloc()
 	if err != nil {
 		return fmt.Errorf("no protected memory for the new key: %w", err)
 	}
-	priv, pub := link.KeyPair(key)
-	copy(slot, priv)
-	clear(priv)
+	pub, err := loadNodeKey(a.cfg.Key, a.cfg.Cert, c, slot)
+	if err != nil {
+		a.arena.Free(slot)
+		return err
+	}
 	tellKey("node", slot[:32])
 	next := *cur
 	next.Private, next.Public, next.Cert = slot[:32], pub, c

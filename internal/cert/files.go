@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/ecdh"
 	"crypto/ed25519"
+	"encoding/base64"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -86,38 +87,105 @@ func (e *KeyModeError) Error() string {
 		e.Path, uint32(e.Mode.Perm()), e.Path)
 }
 
-// readKeyFile reads a private key file after checking its mode, and returns
-// the key bytes of the one PEM block of type typ.
-func readKeyFile(path, typ string, size int) ([]byte, error) {
+// maxKeyFile bounds what is read of a private key file.
+const maxKeyFile = 4096
+
+// readKeyFile reads the private key in the one PEM block of type typ of the
+// file at path into dst, after checking the file's mode. The key's bytes go
+// from the file's base64 straight into dst: no other buffer ever holds
+// them, and the buffers that held the file's text (and so the key, in
+// base64) are zeroed before it returns. dst must have room for
+// keyBuffer(size) bytes (the base64 decoder writes whole quanta); the key
+// is left in dst[:size] and the rest of dst is zero. On error dst is zero.
+func readKeyFile(path, typ string, size int, dst []byte) error {
+	if len(dst) < keyBuffer(size) {
+		return fmt.Errorf("private key file %s: a buffer of %d bytes is too small for a %d-byte key", path, len(dst), size)
+	}
 	f, err := os.Open(path)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	defer f.Close()
 	st, err := f.Stat() // the file we read, not whatever the path names later
 	if err != nil {
-		return nil, err
+		return err
 	}
 	if !st.Mode().IsRegular() {
-		return nil, fmt.Errorf("private key file %s is not a regular file", path)
+		return fmt.Errorf("private key file %s is not a regular file", path)
 	}
 	if st.Mode().Perm()&0o077 != 0 {
-		return nil, &KeyModeError{Path: path, Mode: st.Mode()}
+		return &KeyModeError{Path: path, Mode: st.Mode()}
 	}
-	data, err := io.ReadAll(io.LimitReader(f, 4096))
-	if err != nil {
-		return nil, fmt.Errorf("private key file %s: %w", path, err)
-	}
+	// One buffer, read into once and zeroed after: io.ReadAll would leave
+	// the copies of its growing buffer behind.
+	data := make([]byte, maxKeyFile+1)
 	defer clear(data)
-	b, _ := pem.Decode(data)
-	if b == nil || b.Type != typ {
-		return nil, fmt.Errorf("private key file %s: no %q PEM block", path, typ)
+	n, err := io.ReadFull(f, data)
+	switch {
+	case err == nil:
+		return fmt.Errorf("private key file %s: no %q PEM block in its first %d bytes", path, typ, maxKeyFile)
+	case err != io.EOF && err != io.ErrUnexpectedEOF:
+		return fmt.Errorf("private key file %s: %w", path, err)
 	}
-	defer clear(b.Bytes)
-	if len(b.Bytes) != size {
-		return nil, fmt.Errorf("private key file %s: key is %d bytes, want %d", path, len(b.Bytes), size)
+	body := pemBody(data[:n], typ)
+	if body == nil {
+		return fmt.Errorf("private key file %s: no %q PEM block", path, typ)
 	}
-	return append([]byte(nil), b.Bytes...), nil
+	return decodeKey(path, body, size, dst)
+}
+
+// keyBuffer is the room readKeyFile needs to decode a key of size bytes.
+func keyBuffer(size int) int {
+	return base64.StdEncoding.DecodedLen(base64.StdEncoding.EncodedLen(size))
+}
+
+// pemBody returns the base64 body of the one PEM block of type typ in
+// data (aliasing data), or nil if there is none, it has headers, or data
+// holds more than white space around it.
+func pemBody(data []byte, typ string) []byte {
+	begin, end := []byte("-----BEGIN "+typ+"-----"), []byte("-----END "+typ+"-----")
+	data = bytes.TrimSpace(data)
+	if !bytes.HasPrefix(data, begin) || !bytes.HasSuffix(data, end) || len(data) < len(begin)+len(end) {
+		return nil
+	}
+	body := data[len(begin) : len(data)-len(end)]
+	if bytes.ContainsAny(body, ":-") { // headers, or a second block
+		return nil
+	}
+	return body
+}
+
+// decodeKey decodes the base64 body of a key of size bytes into dst.
+func decodeKey(path string, body []byte, size int, dst []byte) error {
+	// The body's base64 characters without line breaks, in a scratch
+	// buffer zeroed after.
+	scratch := make([]byte, 0, len(body))
+	defer func() { clear(scratch[:cap(scratch)]) }()
+	pad := 0
+	for _, c := range body {
+		switch {
+		case c == '\n' || c == '\r':
+			continue
+		case c == '=':
+			pad++
+		case pad > 0:
+			return fmt.Errorf("private key file %s: the PEM block is not base64", path)
+		}
+		scratch = append(scratch, c)
+	}
+	if len(scratch)%4 != 0 || pad > 2 {
+		return fmt.Errorf("private key file %s: the PEM block is not base64", path)
+	}
+	if n := len(scratch)/4*3 - pad; n != size {
+		return fmt.Errorf("private key file %s: key is %d bytes, want %d", path, n, size)
+	}
+	n, err := base64.StdEncoding.Strict().Decode(dst, scratch)
+	if err != nil || n != size {
+		clear(dst)
+		return fmt.Errorf("private key file %s: the PEM block is not base64", path)
+	}
+	clear(dst[size:])
+	return nil
 }
 
 // writeKeyFile writes a private key as PEM, mode 0600, refusing to replace
@@ -143,22 +211,39 @@ func writeCertFile(path string, c *Certificate) error {
 
 // LoadCAKey reads the CA's Ed25519 private key.
 func LoadCAKey(path string) (ed25519.PrivateKey, error) {
-	seed, err := readKeyFile(path, pemCAKey, ed25519.SeedSize)
-	if err != nil {
+	seed := make([]byte, keyBuffer(ed25519.SeedSize))
+	defer clear(seed)
+	if err := readKeyFile(path, pemCAKey, ed25519.SeedSize, seed); err != nil {
 		return nil, err
 	}
-	defer clear(seed)
-	return ed25519.NewKeyFromSeed(seed), nil
+	return ed25519.NewKeyFromSeed(seed[:ed25519.SeedSize]), nil
 }
 
-// LoadNodeKey reads a node's X25519 private key.
+// NodeKeyBuffer is the room ReadNodeKey needs in its destination: the
+// key and what the base64 decoder's last quantum writes past it
+// (keyBuffer(KeySize)).
+const NodeKeyBuffer = 33
+
+// ReadNodeKey reads a node's X25519 private key from the file at path
+// into dst[:KeySize], which is meant to be protected memory (package
+// secret): the key's bytes are decoded from the file's text straight into
+// dst and nowhere else, and every buffer that held the file's text is
+// zeroed. dst must hold at least NodeKeyBuffer bytes; the bytes past the
+// key are left zero.
+func ReadNodeKey(path string, dst []byte) error {
+	return readKeyFile(path, pemNodeKey, KeySize, dst)
+}
+
+// LoadNodeKey reads a node's X25519 private key into a crypto/ecdh key:
+// for tools and tests. The key it returns is a heap copy that nobody
+// zeroes; an agent reads its key with ReadNodeKey.
 func LoadNodeKey(path string) (*ecdh.PrivateKey, error) {
-	b, err := readKeyFile(path, pemNodeKey, KeySize)
-	if err != nil {
+	b := make([]byte, NodeKeyBuffer)
+	defer clear(b)
+	if err := ReadNodeKey(path, b); err != nil {
 		return nil, err
 	}
-	defer clear(b)
-	k, err := ecdh.X25519().NewPrivateKey(b)
+	k, err := ecdh.X25519().NewPrivateKey(b[:KeySize])
 	if err != nil {
 		return nil, fmt.Errorf("private key file %s: %w", path, err)
 	}

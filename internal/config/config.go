@@ -27,6 +27,7 @@
 //
 //	[limits]
 //	pending_handshakes = 256
+//	pending_handshakes_per_source = 8  # from one IPv4 address or IPv6 /64
 //	channels = 16384                 # per agent
 //	channels_per_partition = 8192
 //	channels_per_process = 1024
@@ -124,6 +125,8 @@ type Limits struct {
 	RotateFrames          int // frames under one channel key before a new one
 	RotateBytes           int // bytes under one channel key before a new one
 	Memory                int // bytes the agent buffers for all channels at most
+
+	PendingHandshakesPerSource int // from one IPv4 address or IPv6 /64
 }
 
 // Partition is one partition this node hosts.
@@ -167,6 +170,8 @@ var (
 		RotateFrames:          1 << 24,
 		RotateBytes:           1 << 34,
 		Memory:                256 << 20,
+
+		PendingHandshakesPerSource: 8,
 	}
 )
 
@@ -204,6 +209,8 @@ type file struct {
 		RotateFrames          *int `toml:"rotate_frames"`
 		RotateBytes           *int `toml:"rotate_bytes"`
 		Memory                *int `toml:"memory"`
+
+		PendingHandshakesPerSource *int `toml:"pending_handshakes_per_source"`
 	} `toml:"limits"`
 	Partitions map[string]struct {
 		Socket string `toml:"socket"`
@@ -401,6 +408,7 @@ func Parse(path string, data []byte) (*Config, error) {
 		min, max int
 	}{
 		{"limits.pending_handshakes", f.Limits.PendingHandshakes, &c.Limits.PendingHandshakes, 1, 65536},
+		{"limits.pending_handshakes_per_source", f.Limits.PendingHandshakesPerSource, &c.Limits.PendingHandshakesPerSource, 1, 65536},
 		{"limits.channels", f.Limits.Channels, &c.Limits.Channels, 1, 1 << 20},
 		{"limits.channels_per_partition", f.Limits.ChannelsPerPartition, &c.Limits.ChannelsPerPartition, 1, 1 << 20},
 		{"limits.channels_per_process", f.Limits.ChannelsPerProcess, &c.Limits.ChannelsPerProcess, 1, 1 << 20},

@@ -102,7 +102,7 @@ func TestParseGood(t *testing.T) {
 	if c.Timers != wantTimers {
 		t.Errorf("Timers = %+v, want %+v", c.Timers, wantTimers)
 	}
-	wantLimits := config.Limits{PendingHandshakes: 16, Channels: 100, ChannelsPerPartition: 50, ChannelsPerProcess: 10,
+	wantLimits := config.Limits{PendingHandshakes: 16, PendingHandshakesPerSource: 8, Channels: 100, ChannelsPerPartition: 50, ChannelsPerProcess: 10,
 		ListenersPerPartition: 8, PendingRequests: 4, Window: 128 << 10,
 		RekeyFrames: 1 << 30, RotateFrames: 1 << 24, RotateBytes: 1 << 34, Memory: 256 << 20}
 	if c.Limits != wantLimits {
@@ -181,7 +181,7 @@ func TestParseDefaults(t *testing.T) {
 	// The defaults are what the package documents.
 	want := config.Timers{Handshake: 5 * time.Second, Keepalive: 5 * time.Second, DeadAfter: 15 * time.Second,
 		DialMin: 200 * time.Millisecond, DialMax: 30 * time.Second, Open: 5 * time.Second, Request: 5 * time.Second, Grace: 30 * time.Second, Rekey: 2 * time.Minute, Rotate: 10 * time.Minute}
-	wantLimits := config.Limits{PendingHandshakes: 256, Channels: 16384, ChannelsPerPartition: 8192, ChannelsPerProcess: 1024,
+	wantLimits := config.Limits{PendingHandshakes: 256, PendingHandshakesPerSource: 8, Channels: 16384, ChannelsPerPartition: 8192, ChannelsPerProcess: 1024,
 		ListenersPerPartition: 256, PendingRequests: 64, Window: 524288,
 		RekeyFrames: 1 << 30, RotateFrames: 1 << 24, RotateBytes: 1 << 34, Memory: 256 << 20}
 	if config.DefaultTimers != want || config.DefaultLimits != wantLimits {
@@ -249,6 +249,7 @@ func TestLimits(t *testing.T) {
 		get      func(*config.Limits) *int
 	}{
 		{"pending_handshakes", 1, 65536, func(l *config.Limits) *int { return &l.PendingHandshakes }},
+		{"pending_handshakes_per_source", 1, 65536, func(l *config.Limits) *int { return &l.PendingHandshakesPerSource }},
 		{"channels", 1, 1 << 20, func(l *config.Limits) *int { return &l.Channels }},
 		{"channels_per_partition", 1, 1 << 20, func(l *config.Limits) *int { return &l.ChannelsPerPartition }},
 		{"channels_per_process", 1, 1 << 20, func(l *config.Limits) *int { return &l.ChannelsPerProcess }},
@@ -290,7 +291,7 @@ func TestLimits(t *testing.T) {
 	// All of them at once.
 	c, err := config.Parse("/etc/a.toml", []byte(withLimits("pending_handshakes = 1\nchannels = 2\nchannels_per_partition = 3\n"+
 		"channels_per_process = 4\nlisteners_per_partition = 5\npending_requests = 6\nwindow = 65600\nmemory = 8388608")))
-	want := config.Limits{PendingHandshakes: 1, Channels: 2, ChannelsPerPartition: 3, ChannelsPerProcess: 4,
+	want := config.Limits{PendingHandshakes: 1, PendingHandshakesPerSource: 8, Channels: 2, ChannelsPerPartition: 3, ChannelsPerProcess: 4,
 		ListenersPerPartition: 5, PendingRequests: 6, Window: 65600,
 		RekeyFrames: 1 << 30, RotateFrames: 1 << 24, RotateBytes: 1 << 34, Memory: 8 << 20}
 	if err != nil || c.Limits != want {

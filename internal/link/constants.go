@@ -11,8 +11,10 @@ import "time"
 // the transport frame layout is drawn in frame.go.
 const (
 	// prologue is mixed into the handshake hash: both sides must speak
-	// this exact protocol version or the handshake fails.
-	prologue = "sinc peer link v1"
+	// this exact protocol version or the handshake fails. v2 added mac1
+	// to message 1 (mac1.go); a v1 agent's message 1 is refused as
+	// malformed.
+	prologue = "sinc peer link v2"
 
 	// helloVersion is the version of the handshake payload (hello.go).
 	helloVersion = 1
