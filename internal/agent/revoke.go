@@ -155,6 +155,9 @@ func checkStateDir(dir string) error {
 		if err := os.MkdirAll(dir, 0o700); err != nil {
 			return err
 		}
+		if err := os.Chmod(dir, 0o700); err != nil { // whatever the umask made of it
+			return err
+		}
 		st, err = os.Lstat(dir)
 	}
 	if err != nil {

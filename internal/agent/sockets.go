@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sync"
 	"syscall"
 	"time"
 )
@@ -56,9 +57,11 @@ func listenUnix(path string, perm socketPerm) (*net.UnixListener, error) {
 	}
 	// The socket is created with the umask applied: make it private from
 	// the start, then widen it to mode, so no one connects in between.
+	umaskMu.Lock() // the umask is the process's: two agents of one process must not interleave
 	old := syscall.Umask(0o177)
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	syscall.Umask(old)
+	umaskMu.Unlock()
 	if err != nil {
 		return nil, err
 	}
@@ -77,3 +80,6 @@ func listenUnix(path string, perm socketPerm) (*net.UnixListener, error) {
 	}
 	return ln, nil
 }
+
+// umaskMu serializes listenUnix's change of the process's umask.
+var umaskMu sync.Mutex
