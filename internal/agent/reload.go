@@ -35,12 +35,12 @@ func (a *Agent) Reload() error {
 	defer a.reloadMu.Unlock()
 	cfg, err := config.Load(a.cfg.Path)
 	if err != nil {
-		a.log.Error("reload failed; keeping the config in force", "err", err)
+		a.log.Error("reload failed; keeping the policy in force", "err", err)
 		return err
 	}
 	if cfg.Node != a.cfg.Node {
 		err := fmt.Errorf("config %s: node is %q, but this agent is %q: a new node needs a new agent", a.cfg.Path, cfg.Node, a.cfg.Node)
-		a.log.Error("reload failed; keeping the config in force", "err", err)
+		a.log.Error("reload failed; keeping the policy in force", "err", err)
 		return err
 	}
 	a.policy.Store(cfg.Policy)
