@@ -42,8 +42,11 @@ type Agent struct {
 	accepting chan struct{} // one token per channel accept in progress
 
 	mu       sync.Mutex
-	peers    map[string]*peer
-	stopping bool // closeLinks ran: no new link is taken
+	peers    map[string]*peer // changes on reload (reloadPeers)
+	stopping bool             // closeLinks ran: no new link is taken
+	runCtx   context.Context  // Run's; the peers' loops run under it
+
+	reloadMu sync.Mutex // one reload at a time
 
 	partitions map[string]*partition // fixed after start
 	self       *selfCarrier
@@ -238,10 +241,13 @@ func (a *Agent) Run(ctx context.Context) error {
 	for _, p := range a.partitions {
 		a.goRun(func() { a.acceptLocal(p) })
 	}
+	a.mu.Lock()
+	a.runCtx = ctx
 	for _, p := range a.peers {
-		a.goRun(func() { a.dialLoop(ctx, p) })
-		a.goRun(func() { a.rekeyLoop(ctx, p) })
+		a.startPeer(p)
 	}
+	a.mu.Unlock()
+	a.goRun(func() { a.watchConfig(ctx) })
 	a.goRun(func() { a.watchRevocations(ctx) })
 	a.goRun(func() { a.watchLifecycle(ctx) })
 	a.goRun(a.poller.run)
@@ -268,23 +274,6 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.arena.Close()
 	a.log.Info("agent stopped")
 	return nil
-}
-
-// Reload rereads the config file and takes its policy; a bad file keeps the
-// policy in force. Other changes need a restart.
-func (a *Agent) Reload() error {
-	cfg, err := config.Load(a.cfg.Path)
-	if err != nil {
-		a.log.Error("reload failed; keeping the policy in force", "err", err)
-		return err
-	}
-	a.policy.Store(cfg.Policy)
-	a.log.Info("policy reloaded", "rules", cfg.Policy.Len())
-	if err := a.reloadIdentity(); err != nil {
-		a.log.Error("certificate reload failed; keeping the one in force", "err", err)
-		return err
-	}
-	return a.loadRevocations()
 }
 
 func (a *Agent) goRun(f func()) {
@@ -388,27 +377,23 @@ func (a *Agent) adopt(ctx context.Context, l *link.Link) {
 		l.Refuse("agent shutting down")
 		return
 	}
-	if _, ok := a.peers[name]; !ok {
-		a.counters.refuse("handshake_not_peer")
-		a.log.Warn("peer handshake refused: not a configured peer", "remote", l.RemoteAddr().String(), "peer", name)
-		l.Refuse(fmt.Sprintf("node %q is not a configured peer of %q", name, a.cfg.Node))
-		return
-	}
-	if reason, ok := a.register(l); !ok {
-		a.log.Debug("peer link refused", "peer", name, "reason", reason)
+	// register confirms the link (the verdict goes first on it) or says
+	// why not.
+	if reason, ok := a.register(l, nil); !ok {
+		a.log.Info("peer link refused", "peer", name, "remote", l.RemoteAddr().String(), "reason", reason)
 		l.Refuse(reason)
-		return
-	}
-	if err := l.Confirm(); err != nil {
-		a.unregister(l)
 		return
 	}
 	a.goRun(func() { a.serve(l) })
 }
 
 // serve runs an up link until it closes; its channels wait for the next.
+// A link that was replaced (a rekey) closes without the peer going down.
 func (a *Agent) serve(l *link.Link) {
 	err := l.Serve(a)
-	a.unregister(l)
-	a.log.Info("peer link down", "peer", l.Peer().Name, "reason", err)
+	if a.unregister(l) {
+		a.log.Info("peer link down", "peer", l.Peer().Name, "reason", err)
+	} else {
+		a.log.Debug("replaced peer link closed", "peer", l.Peer().Name, "reason", err)
+	}
 }

@@ -13,10 +13,11 @@ import (
 // A channel is bound to a peer agent — one node, one instance of its agent
 // — and rides whichever link to it is up. Frames of the channel are
 // accepted only from links to that peer. When the link breaks, the channel
-// is held for the grace period (timers.grace): a new link to the same
-// instance resumes it (each side sends again what the other may have lost);
-// a link to a new instance (the peer restarted, losing its channels) or the
-// end of the grace period ends it with a reason the process sees.
+// is held until timers.grace has passed since the last frame heard from the
+// peer (keepalives count): a new link to the same instance resumes it (each
+// side sends again what the other may have lost); a link to a new instance
+// (the peer restarted, losing its channels) or the end of the grace period
+// ends it with a reason the process sees.
 
 // peerCarrier carries channels to one peer over its current link.
 type peerCarrier struct {
@@ -128,14 +129,17 @@ func (a *Agent) resumePeer(p *peer) {
 	}
 }
 
-// holdPeer starts the grace period of p's channels after its link broke.
-// Called with a.mu held.
+// holdPeer starts the grace period of p's channels after its link broke:
+// they end timers.grace after the last frame heard from p (p.heard), not
+// after the link was found broken, which for a silent peer is dead_after
+// later. A link found dead after that time ends them at once. Called with
+// a.mu held.
 func (a *Agent) holdPeer(p *peer, why string) {
 	grace := a.cfg.Timers.Grace
 	if p.grace != nil {
 		p.grace.Stop()
 	}
-	p.grace = time.AfterFunc(grace, func() {
+	p.grace = time.AfterFunc(time.Until(p.heard.Add(grace)), func() {
 		a.mu.Lock()
 		back := p.link != nil
 		a.mu.Unlock()
@@ -143,6 +147,6 @@ func (a *Agent) holdPeer(p *peer, why string) {
 			return
 		}
 		a.counters.graceExpired.Add(1)
-		a.abortPeer(p, fmt.Sprintf("the link to %s was lost (%s) and did not come back within %s", p.name, why, grace))
+		a.abortPeer(p, fmt.Sprintf("the link to %s was lost (%s) and did not come back within %s of the last frame heard from it", p.name, why, grace))
 	})
 }

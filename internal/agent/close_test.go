@@ -73,8 +73,8 @@ func readRecord(t *testing.T, r io.Reader) (byte, []byte) {
 	return typ, p
 }
 
-// acceptOne returns the next channel l is handed.
-func acceptOne(t *testing.T, l *sinc.Listener) *sinc.Conn {
+// acceptNext returns the next channel l is handed.
+func acceptNext(t *testing.T, l *sinc.Listener) *sinc.Conn {
 	t.Helper()
 	c, err := l.AcceptSinc()
 	if err != nil {
@@ -97,7 +97,7 @@ func TestStreamEndsOnlyByFin(t *testing.T) {
 	// Closed without a fin: the other end reads what was sent, then a reset
 	// that says so.
 	c := rawChannel(t, web, "node-b/db/sink", "stream")
-	srv := acceptOne(t, l)
+	srv := acceptNext(t, l)
 	writeRecord(t, c, local.RecData, []byte("half of what I meant to say"))
 	c.Close()
 	srv.SetReadDeadline(time.Now().Add(5 * time.Second))
@@ -109,7 +109,7 @@ func TestStreamEndsOnlyByFin(t *testing.T) {
 	// shutdown(SHUT_WR): a fin. The reader sees a clean end and can still
 	// answer; the writer reads the answer and the other side's fin.
 	c = rawChannel(t, web, "node-b/db/sink", "stream")
-	srv = acceptOne(t, l)
+	srv = acceptNext(t, l)
 	writeRecord(t, c, local.RecData, []byte("all of it"))
 	if err := c.CloseWrite(); err != nil {
 		t.Fatal(err)
@@ -134,7 +134,7 @@ func TestStreamEndsOnlyByFin(t *testing.T) {
 
 	// A fin record, then the socket closed: a clean end too.
 	c = rawChannel(t, web, "node-b/db/sink", "stream")
-	srv = acceptOne(t, l)
+	srv = acceptNext(t, l)
 	writeRecord(t, c, local.RecData, []byte("said"))
 	writeRecord(t, c, local.RecFin, nil)
 	c.Close()
@@ -151,7 +151,7 @@ func TestProcessAbort(t *testing.T) {
 	p := startPair(t, channelSpecs)
 	l := p.listen(t, "node-b", "db", "sink")
 	c := rawChannel(t, p.sock("node-a", "web"), "node-b/db/sink", "message")
-	srv := acceptOne(t, l)
+	srv := acceptNext(t, l)
 	writeRecord(t, c, local.RecData, []byte("first"))
 	writeRecord(t, c, local.RecClose, []byte(`{"message":"the user pressed cancel\u0007"}`))
 	if m, err := srv.ReadMessage(); err != nil || string(m) != "first" {

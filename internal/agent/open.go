@@ -55,12 +55,17 @@ func (a *Agent) dial(p *partition, proc *procRef, sock *net.UnixConn, pre *bytes
 	if addr.Node == a.cfg.Node {
 		car = a.self
 	} else {
+		a.mu.Lock()
 		pr := a.peers[addr.Node]
+		a.mu.Unlock()
 		if pr == nil {
 			return fail(wire.CodeNoSuchNode, a.cfg.Node, "node %q is not a peer of %s", addr.Node, a.cfg.Node)
 		}
-		if _, err := a.waitLink(pr, deadline); err != nil {
-			return fail(wire.CodeUnreachable, a.cfg.Node, "node %q: %v", addr.Node, err)
+		if _, err := a.waitLink(pr, deadline, sock); err != nil {
+			if !errors.Is(err, errProcessGone) {
+				a.counters.refuse("node_unreachable")
+			}
+			return fail(wire.CodeUnreachable, a.cfg.Node, "node %q is unreachable: %v", addr.Node, err)
 		}
 		car = pr.carrier
 	}
@@ -140,27 +145,70 @@ func (a *Agent) budgetSpent() string {
 	return fmt.Sprintf("%s has spent its memory budget (limits.memory = %d bytes) on the channels it has open", a.cfg.Node, a.cfg.Limits.Memory)
 }
 
-// waitLink waits until pr has a link up, or deadline.
-func (a *Agent) waitLink(pr *peer, deadline time.Time) (*link.Link, error) {
+// waitLink returns pr's link once it is up. A peer that is down — no
+// link, and its dial loop waits out a backoff after a failed dial — fails
+// at once: waiting would only delay the same answer. While a dial to pr is
+// under way (or about to start, as at the agent's start) it waits for its
+// outcome, until deadline, or until the process gives up waiting (closes
+// its socket, sock). The error names no address: it goes to the process.
+func (a *Agent) waitLink(pr *peer, deadline time.Time, sock *net.UnixConn) (*link.Link, error) {
+	a.mu.Lock()
+	l := pr.link
+	a.mu.Unlock()
+	if l != nil {
+		return l, nil
+	}
+	timer := time.NewTimer(time.Until(deadline))
+	defer timer.Stop()
+	var poll <-chan time.Time
+	if sock != nil {
+		t := time.NewTicker(processPoll)
+		defer t.Stop()
+		poll = t.C
+	}
 	for {
 		a.mu.Lock()
-		l, changed, last := pr.link, pr.changed, pr.lastErr
+		l, state, changed, since := pr.link, pr.state, pr.changed, pr.since
 		a.mu.Unlock()
 		if l != nil {
 			return l, nil
 		}
-		wait := time.Until(deadline)
-		if wait <= 0 {
-			if last == "" {
-				last = "no link"
-			}
-			return nil, fmt.Errorf("no link (last error: %s)", last)
+		if state != stateConnecting {
+			return nil, fmt.Errorf("no link is up, and the last attempt to link ended %s ago", time.Since(since).Round(time.Millisecond))
 		}
 		select {
 		case <-changed:
-		case <-time.After(wait):
+		case <-timer.C:
+			return nil, fmt.Errorf("no link came up within %s", a.cfg.Timers.Open)
+		case <-poll:
+			if processGone(sock) {
+				return nil, errProcessGone
+			}
 		}
 	}
+}
+
+var errProcessGone = errors.New("the dialing process gave up waiting")
+
+// processPoll is how often a wait for a link checks that the process still
+// waits.
+const processPoll = 50 * time.Millisecond
+
+// processGone reports whether the process closed its end of sock (a
+// shutdown of its writing side alone is not leaving).
+func processGone(sock *net.UnixConn) bool {
+	rc, err := sock.SyscallConn()
+	if err != nil {
+		return true
+	}
+	gone := false
+	rc.Control(func(fd uintptr) {
+		p := []unix.PollFd{{Fd: int32(fd)}} // POLLHUP and POLLERR come unasked
+		if n, err := unix.Poll(p, 0); err == nil && n > 0 {
+			gone = p[0].Revents&(unix.POLLHUP|unix.POLLERR) != 0
+		}
+	})
+	return gone
 }
 
 // handleAccept completes a channel this agent dialed.

@@ -10,37 +10,64 @@ import (
 	"time"
 
 	"sinc.dev/sinc/internal/admin"
+	"sinc.dev/sinc/internal/config"
 	"sinc.dev/sinc/internal/link"
+	"sinc.dev/sinc/internal/local"
 )
 
 // peer is one row of the peer table; fields are guarded by Agent.mu.
+//
+// The table changes on reload (reloadPeers): a peer added starts its own
+// dial and rekey loops, under a context of its own; a peer removed has them
+// stopped, its channels ended and its links closed, and is taken out of
+// a.peers, so that everything that finds peers by name (dial, adopt,
+// carrierOf) no longer finds it.
 type peer struct {
 	name, addr string
 	link       *link.Link // the up link, or nil
-	state      string
-	since      time.Time
-	lastErr    string
-	changed    chan struct{}           // closed and replaced at every state change
-	carrier    *peerCarrier            // carries the channels to this peer
-	instance   [link.InstanceSize]byte // of the peer's agent, as its last link said
-	grace      *time.Timer             // running while channels wait for a link
+	// prev is the link that link replaced, while the peer, which dialed
+	// link, has not yet retired it (see register): it still carries what
+	// the peer sent before it switched, and is fallen back on if link
+	// fails first.
+	prev     *link.Link
+	state    string
+	since    time.Time
+	lastErr  string
+	changed  chan struct{}           // closed and replaced at every state change
+	carrier  *peerCarrier            // carries the channels to this peer
+	instance [link.InstanceSize]byte // of the peer's agent, as its last link said
+	heard    time.Time               // the last frame read from the peer, as of its last link that closed
+	grace    *time.Timer             // running while channels wait for a link
+	stop     context.CancelFunc      // ends the dial and rekey loops; nil until they run
+
+	// What happened to the peer's links: handshakes this agent began,
+	// links that became the peer's link, and falls from up to another
+	// state. A rekey adds one dial (on one side) and one up (on each).
+	dials, ups, downs uint64
 
 	// traffic of links already closed
 	framesOut, bytesOut, framesIn, bytesIn uint64
 }
 
+// The states of a peer. A process that dials a node whose peer is down is
+// answered at once; one that dials a connecting peer waits for the dial
+// (see waitLink).
 const (
-	stateDown       = "down"
-	stateConnecting = "connecting"
+	stateDown       = "down"       // no link, and the dial loop waits out its backoff
+	stateConnecting = "connecting" // no link, and a dial is under way or about to start
 	stateUp         = "up"
 )
 
 func newPeer(name, addr string) *peer {
-	return &peer{name: name, addr: addr, state: stateDown, since: time.Now(), changed: make(chan struct{})}
+	// The first dial is pending from the start.
+	return &peer{name: name, addr: addr, state: stateConnecting, since: time.Now(), changed: make(chan struct{})}
 }
 
 func (p *peer) setState(s, lastErr string) {
 	if s != p.state {
+		if p.state == stateUp {
+			p.downs++
+		}
 		p.state = s
 		p.since = time.Now()
 	}
@@ -59,30 +86,63 @@ func (a *Agent) initiatorName(l *link.Link) string {
 	return l.Peer().Name
 }
 
-// register makes l its peer's link, or says why not. There is one link per
-// peer pair, and both agents must pick the same one without talking:
+// register makes l its peer's link, or says why not; want, if not nil, is
+// the peer a dial of this agent meant (it may have been removed or
+// replaced by a reload meanwhile). There is one link per peer pair, and
+// both agents must pick the same one without talking:
 //
 //   - a link from a new instance of the peer (it restarted) replaces the old;
 //   - of two links between the same instances dialed by different sides
 //     (both dialed at once), the one the lesser node name dialed wins;
 //   - of two dialed by the same side, the newer wins: that side dialed again
-//     because it found the old link dead.
-func (a *Agent) register(l *link.Link) (reason string, ok bool) {
+//     because it found the old link dead, or to rekey.
+//
+// The old link of a replacement between the same instances is retired by
+// the side that dialed the new one, once it has registered it: the other
+// side only switches to the new link. Were the accepting side to retire
+// the old link first, its close could reach the dialing side before the
+// verdict on the new link, and look to it like a broken link: it would
+// mark the peer down and dial once more. The accepting side confirms the
+// new link here, before it becomes the peer's link, so that the verdict
+// is the first frame on it.
+func (a *Agent) register(l *link.Link, want *peer) (reason string, ok bool) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if a.stopping {
 		return "agent " + a.cfg.Node + " is shutting down", false
 	}
-	p := a.peers[l.Peer().Name]
-	if cur := p.link; cur != nil {
-		if cur.PeerInstance() == l.PeerInstance() {
-			ci, ni := a.initiatorName(cur), a.initiatorName(l)
-			if ci != ni && ci < ni {
-				return "a link between these agents is already up (dialed by " + ci + ")", false
-			}
+	name := l.Peer().Name
+	p := a.peers[name]
+	if p == nil || want != nil && p != want {
+		a.counters.refuse("peer_not_configured")
+		return fmt.Sprintf("node %q is not a configured peer of %q", name, a.cfg.Node), false
+	}
+	cur := p.link
+	same := cur != nil && cur.PeerInstance() == l.PeerInstance()
+	if same {
+		ci, ni := a.initiatorName(cur), a.initiatorName(l)
+		if ci != ni && ci < ni {
+			return "a link between these agents is already up (dialed by " + ci + ")", false
 		}
-		a.retire(p, cur)
-		a.goRun(func() { cur.Retire("replaced by a newer link") }) // it writes: not under a.mu
+	}
+	if !l.Initiator() {
+		// A write of a few bytes on a fresh connection: it does not wait.
+		if err := l.Confirm(); err != nil {
+			return "confirm: " + err.Error(), false
+		}
+	}
+	if old := p.prev; old != nil && !same {
+		p.prev = nil
+		a.retire(p, old)
+		a.goRun(func() { old.Retire("the agent of " + name + " restarted") })
+	}
+	if cur != nil {
+		if same && !l.Initiator() {
+			p.prev = cur // the peer retires it
+		} else {
+			a.retire(p, cur)
+			a.goRun(func() { cur.Retire("replaced by a newer link") }) // it writes: not under a.mu
+		}
 	}
 	if p.grace != nil {
 		p.grace.Stop()
@@ -98,28 +158,58 @@ func (a *Agent) register(l *link.Link) (reason string, ok bool) {
 		a.goRun(func() { a.resumePeer(p) })
 	}
 	p.link = l
+	p.ups++
 	p.setState(stateUp, "")
 	a.log.Info("peer link up", "peer", p.name, "remote", l.RemoteAddr().String(), "initiator", l.Initiator(),
 		"cert_expires", l.Peer().NotAfter)
 	return "", true
 }
 
-// unregister removes l from the peer table if it is still its peer's link.
-func (a *Agent) unregister(l *link.Link) {
+// unregister removes l from the peer table; it reports whether l was its
+// peer's link (and the peer is now without one). A link that was replaced
+// and is now closing changes nothing.
+func (a *Agent) unregister(l *link.Link) bool {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	p := a.peers[l.Peer().Name]
-	if p == nil || p.link != l {
-		return
+	if p == nil {
+		return false // removed from the configuration
+	}
+	if p.prev == l {
+		p.prev = nil
+		a.retire(p, l)
+		return false
+	}
+	if p.link != l {
+		return false
 	}
 	a.retire(p, l)
-	p.link = nil
 	msg := ""
 	if err := l.Err(); err != nil {
 		msg = err.Error()
 	}
-	p.setState(stateDown, msg)
+	if prev := p.prev; prev != nil && prev.Err() == nil && l.Stats().FramesIn.Load() == 0 {
+		// The new link failed before the peer sent anything on it — its
+		// dial failed after our verdict, so it never took the link and
+		// will not retire the old one, which still works: go on with
+		// it, sending again what the failed link may have lost. (A peer
+		// that took the new link retires the old one; so does a peer
+		// that closed the new one on purpose: its close is a frame.)
+		p.link, p.prev = prev, nil
+		p.setState(stateUp, "")
+		a.goRun(func() { a.resumePeer(p) })
+		a.log.Info("peer link failed; back on the link it was replacing", "peer", p.name, "reason", msg)
+		return false
+	}
+	p.link = nil
+	p.heard = l.LastHeard()
+	state := stateDown
+	if p.stop != nil {
+		state = stateConnecting // the dial loop dials again at once
+	}
+	p.setState(state, msg)
 	a.holdPeer(p, msg)
+	return true
 }
 
 // retire adds a closing link's counters to its peer's totals.
@@ -136,14 +226,109 @@ func (a *Agent) closeLinks(reason string) {
 	a.stopping = true // a handshake that ends after this is refused (register)
 	var ls []*link.Link
 	for _, p := range a.peers {
-		if p.link != nil {
-			ls = append(ls, p.link)
+		for _, l := range []*link.Link{p.link, p.prev} {
+			if l != nil {
+				ls = append(ls, l)
+			}
 		}
 	}
 	a.mu.Unlock()
 	for _, l := range ls {
 		l.Shutdown(reason)
 	}
+}
+
+// reloadPeers makes the peer table the configured one: peers added start
+// linking; peers removed have their channels ended, telling both
+// processes why, and their links closed; a changed address is used from
+// the next dial on (a link up stays up).
+func (a *Agent) reloadPeers(want map[string]config.Peer) {
+	a.mu.Lock()
+	if a.stopping {
+		a.mu.Unlock()
+		return
+	}
+	var gone []*peer
+	for name, p := range a.peers {
+		if _, ok := want[name]; !ok {
+			gone = append(gone, p)
+			continue
+		}
+		if addr := want[name].Address; addr != p.addr {
+			a.log.Info("peer address changed; the next dial uses it", "peer", name, "was", p.addr, "address", addr)
+			p.addr = addr
+		}
+	}
+	for name, c := range want {
+		if a.peers[name] != nil {
+			continue
+		}
+		p := newPeer(name, c.Address)
+		p.carrier = &peerCarrier{a: a, p: p}
+		a.peers[name] = p
+		a.startPeer(p)
+		a.log.Info("peer added", "peer", name, "address", c.Address)
+	}
+	for _, p := range gone {
+		// Out of the table first: nothing finds it by name any more, so
+		// no new channel is opened to it or accepted from it.
+		delete(a.peers, p.name)
+		if p.stop != nil {
+			p.stop()
+		}
+		if p.grace != nil {
+			p.grace.Stop()
+			p.grace = nil
+		}
+	}
+	a.mu.Unlock()
+	for _, p := range gone {
+		a.removePeer(p, fmt.Sprintf("node %s was removed from the configuration of %s", p.name, a.cfg.Node))
+	}
+}
+
+// removePeer ends the channels of p, a peer just taken out of the table,
+// and closes its links, all with reason. Each channel's Close goes on the
+// link before the link's own close, so the peer ends the channel with the
+// same reason at once rather than when its grace period runs out.
+func (a *Agent) removePeer(p *peer, reason string) {
+	chs := a.channelsOf(p)
+	for _, ch := range chs {
+		ch.end(&local.Error{Code: codeLinkLost.String(), Message: reason, By: a.cfg.Node}, true)
+	}
+	a.mu.Lock()
+	links := []*link.Link{p.link, p.prev}
+	for _, l := range links {
+		if l != nil {
+			a.retire(p, l)
+		}
+	}
+	p.link, p.prev = nil, nil
+	p.setState(stateDown, reason)
+	a.mu.Unlock()
+	for _, l := range links {
+		if l != nil {
+			l.Shutdown(reason)
+		}
+	}
+	// A dial that found p before it left the table may have added a
+	// channel since: there is no link to tell the peer on any more.
+	for _, ch := range a.channelsOf(p) {
+		ch.end(&local.Error{Code: codeLinkLost.String(), Message: reason, By: a.cfg.Node}, false)
+	}
+	a.log.Info("peer removed", "peer", p.name, "channels_ended", len(chs))
+}
+
+// startPeer runs p's dial and rekey loops under a context of their own,
+// if the agent runs. Called with a.mu held.
+func (a *Agent) startPeer(p *peer) {
+	if a.runCtx == nil || a.stopping || p.stop != nil {
+		return
+	}
+	ctx, cancel := context.WithCancel(a.runCtx)
+	p.stop = cancel
+	a.goRun(func() { a.dialLoop(ctx, p) })
+	a.goRun(func() { a.rekeyLoop(ctx, p) })
 }
 
 // dialLoop keeps a link to p: while none is up it dials, with exponential
@@ -158,7 +343,7 @@ func (a *Agent) dialLoop(ctx context.Context, p *peer) {
 	for {
 		a.mu.Lock()
 		up, changed := p.link != nil, p.changed
-		if !up {
+		if !up && ctx.Err() == nil {
 			p.setState(stateConnecting, "")
 		}
 		a.mu.Unlock()
@@ -193,8 +378,9 @@ func (a *Agent) dialLoop(ctx context.Context, p *peer) {
 		if p.link == nil {
 			p.setState(stateDown, err.Error())
 		}
+		addr := p.addr
 		a.mu.Unlock()
-		a.log.Info("peer dial failed", "peer", p.name, "address", p.addr, "err", err, "retry_in", backoff)
+		a.log.Info("peer dial failed", "peer", p.name, "address", addr, "err", err, "retry_in", backoff)
 		// Full jitter over the upper half, so agents that lost each other at
 		// once do not redial in step.
 		sleep := backoff/2 + rand.N(backoff/2+1)
@@ -240,10 +426,15 @@ func (a *Agent) rekeyLoop(ctx context.Context, p *peer) {
 	}
 }
 
-// dialPeer makes one attempt to link to p.
+// dialPeer makes one attempt to link to p, at its address as configured
+// now.
 func (a *Agent) dialPeer(ctx context.Context, p *peer) error {
+	a.mu.Lock()
+	addr := p.addr
+	p.dials++
+	a.mu.Unlock()
 	d := net.Dialer{Timeout: a.cfg.Timers.Handshake}
-	conn, err := d.DialContext(ctx, "tcp", p.addr)
+	conn, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		return err
 	}
@@ -251,7 +442,7 @@ func (a *Agent) dialPeer(ctx context.Context, p *peer) error {
 	if err != nil {
 		return err
 	}
-	if reason, ok := a.register(l); !ok {
+	if reason, ok := a.register(l, p); !ok {
 		l.Shutdown(reason)
 		return nil
 	}

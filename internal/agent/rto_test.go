@@ -32,9 +32,9 @@ func damageNext(t *testing.T, node string, n int, damage func(frame []byte)) fun
 	}
 }
 
-// pingPong sends one message on c and waits for the echo, returning the
+// echoRoundTrip sends one message on c and waits for the echo, returning the
 // round trip.
-func pingPong(t *testing.T, c *sinc.Conn, m string, within time.Duration) time.Duration {
+func echoRoundTrip(t *testing.T, c *sinc.Conn, m string, within time.Duration) time.Duration {
 	t.Helper()
 	start := time.Now()
 	if err := c.WriteMessage([]byte(m)); err != nil {
@@ -60,12 +60,12 @@ func TestLostFrameRecovers(t *testing.T) {
 	c := p.mustDial(t, "node-a", "web", "node-b/db/echo", sinc.Message)
 	var rtt time.Duration
 	for range 20 { // a measured round trip: the timer's base
-		rtt = max(rtt, pingPong(t, c, "warm", 2*time.Second))
+		rtt = max(rtt, echoRoundTrip(t, c, "warm", 2*time.Second))
 	}
 	s := stats(t, p.b)
 
 	damaged := damageNext(t, "node-b", 1, func(f []byte) { f[len(f)-1] ^= 0x10 }) // the tag
-	took := pingPong(t, c, "payload damaged", 5*time.Second)
+	took := echoRoundTrip(t, c, "payload damaged", 5*time.Second)
 	if damaged() != 1 {
 		t.Fatal("no frame was damaged")
 	}
@@ -79,7 +79,7 @@ func TestLostFrameRecovers(t *testing.T) {
 
 	s = stats(t, p.a)
 	damaged = damageNext(t, "node-b", 1, func(f []byte) { f[8] ^= 0x40 }) // the receiver's index
-	took = pingPong(t, c, "index damaged", 5*time.Second)
+	took = echoRoundTrip(t, c, "index damaged", 5*time.Second)
 	if damaged() != 1 {
 		t.Fatal("no frame was damaged")
 	}
@@ -92,7 +92,7 @@ func TestLostFrameRecovers(t *testing.T) {
 	}
 	// The channel goes on, in order, nothing lost or duplicated.
 	for i := range 10 {
-		pingPong(t, c, "after "+string(rune('0'+i)), 2*time.Second)
+		echoRoundTrip(t, c, "after "+string(rune('0'+i)), 2*time.Second)
 	}
 	if st := stats(t, p.b); st["rejected_replay"] != 0 {
 		t.Fatalf("node-b counted %d replays: retransmissions it asked for are not replays", st["rejected_replay"])

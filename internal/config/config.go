@@ -21,7 +21,7 @@
 //	dial_max = "30s"
 //	open = "5s"                      # a channel open not answered by then fails
 //	request = "5s"                   # a process must send its request within this
-//	grace = "30s"                    # channels wait this long for a broken link to return
+//	grace = "30s"                    # channels of a broken link end this long after the last frame heard
 //	rekey = "2m"                     # links make fresh session keys this often
 //	rotate = "10m"                   # channel keys are replaced this often
 //

@@ -51,6 +51,7 @@ type Link struct {
 	sendN    uint64
 	wbuf     []byte
 	lastSend atomic.Int64 // unix nanos of the last frame written
+	lastRecv atomic.Int64 // unix nanos of the last frame read
 
 	recv  cipher.AEAD // used by the reading goroutine only
 	recvN uint64
@@ -106,6 +107,7 @@ func newLink(conn net.Conn, c *Config, h *hello, initiator bool, send, recv *noi
 		l.deadAfter = DefaultDeadAfter
 	}
 	l.lastSend.Store(time.Now().UnixNano())
+	l.lastRecv.Store(time.Now().UnixNano())
 	return l, nil
 }
 
@@ -242,6 +244,7 @@ func (l *Link) read() (msg, data []byte, err error) {
 	}
 	l.stats.FramesIn.Add(1)
 	l.stats.BytesIn.Add(uint64(len(hdr) + len(body)))
+	l.lastRecv.Store(time.Now().UnixNano())
 	if typ == FrameData {
 		return nil, l.rbuf[:len(hdr)+len(body)], nil
 	}
@@ -329,6 +332,10 @@ func (l *Link) Retire(reason string) {
 	l.retired = true
 	l.wmu.Unlock()
 }
+
+// LastHeard returns when the last frame from the peer was read (any frame,
+// keepalives included), or when the link came up if none was.
+func (l *Link) LastHeard() time.Time { return time.Unix(0, l.lastRecv.Load()) }
 
 // Started returns when the link came up.
 func (l *Link) Started() time.Time { return l.started }

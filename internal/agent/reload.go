@@ -1,0 +1,160 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"maps"
+	"os"
+	"time"
+
+	"sinc.dev/sinc/internal/config"
+	"sinc.dev/sinc/internal/local"
+	"sinc.dev/sinc/internal/policy"
+	"sinc.dev/sinc/internal/wire"
+)
+
+// Reload. On SIGHUP (Reload) and when the config file changes (checked
+// every lifecyclePoll, as the certificate files are), the agent rereads its
+// config and takes, without a restart:
+//
+//   - the policy, which every open channel is checked against again: a
+//     channel the new policy denies ends at once, code denied, both
+//     processes told;
+//   - the peers: new peers link, removed peers' channels and links end
+//     with a reason both processes see, a changed address is used from the
+//     next dial on;
+//   - the certificate, key and revocation list (renew.go, revoke.go).
+//
+// A file that does not load keeps everything in force and says why in the
+// log. Other changes (timers, limits, partitions, addresses of this agent)
+// need a restart, and the log says so.
+
+// Reload rereads the config file and takes what it can of it.
+func (a *Agent) Reload() error {
+	a.reloadMu.Lock()
+	defer a.reloadMu.Unlock()
+	cfg, err := config.Load(a.cfg.Path)
+	if err != nil {
+		a.log.Error("reload failed; keeping the policy in force", "err", err)
+		return err
+	}
+	if cfg.Node != a.cfg.Node {
+		err := fmt.Errorf("config %s: node is %q, but this agent is %q: a new node needs a new agent", a.cfg.Path, cfg.Node, a.cfg.Node)
+		a.log.Error("reload failed; keeping the policy in force", "err", err)
+		return err
+	}
+	a.policy.Store(cfg.Policy)
+	a.log.Info("policy reloaded", "rules", cfg.Policy.Len())
+	a.enforcePolicy()
+	a.reloadPeers(cfg.Peers)
+	if fields := restartOnly(a.cfg, cfg); len(fields) > 0 {
+		a.log.Warn("config changes that need a restart were not taken", "fields", fields)
+	}
+	if err := a.reloadIdentity(); err != nil {
+		a.log.Error("certificate reload failed; keeping the one in force", "err", err)
+		return err
+	}
+	return a.loadRevocations()
+}
+
+// enforcePolicy checks every channel against the policy in force and ends
+// those it denies: code denied, by this agent, the peer agent told, so that
+// both processes learn it. A channel is checked as its open was: one this
+// agent dialed as its local process reaching the remote service, one it
+// accepted as the remote process reaching the local service; a channel
+// between two partitions of this node is both, and both its ends are
+// checked. An open checked under the old policy may enter the tables just
+// after the sweep: a second sweep, a moment later, ends it too.
+func (a *Agent) enforcePolicy() {
+	a.denyChannels()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.runCtx == nil || a.stopping {
+		return
+	}
+	done := a.runCtx.Done()
+	a.goRun(func() {
+		select {
+		case <-time.After(policyResweep):
+			a.denyChannels()
+		case <-done:
+		}
+	})
+}
+
+// policyResweep is how long after a reload its second policy sweep runs.
+const policyResweep = 250 * time.Millisecond
+
+func (a *Agent) denyChannels() {
+	pol := a.policy.Load()
+	n := 0
+	for _, ch := range a.tables.all() {
+		r := ch.row()
+		src := policy.Source{Node: a.cfg.Node, Partition: r.Partition, UID: r.Process.UID}
+		dst := policy.Dest{Node: r.RemoteNode, Partition: r.RemotePartition, Service: r.RemoteService}
+		if !r.Dialed {
+			src = policy.Source{Node: r.RemoteNode, Partition: r.RemotePartition, UID: r.RemoteProcess.UID}
+			dst = policy.Dest{Node: a.cfg.Node, Partition: r.Partition, Service: r.Service}
+		}
+		if pol.Allows(src, dst) {
+			continue
+		}
+		reason := fmt.Sprintf("policy of %s no longer allows %s/%s (uid %d) to reach %s/%s/%s",
+			a.cfg.Node, src.Node, src.Partition, src.UID, dst.Node, dst.Partition, dst.Service)
+		a.counters.refuse("denied_on_reload")
+		ch.end(&local.Error{Code: wire.CodeDenied.String(), Message: reason, By: a.cfg.Node}, true)
+		n++
+	}
+	if n > 0 {
+		a.log.Info("channels ended: the reloaded policy denies them", "count", n)
+	}
+}
+
+// restartOnly names the settings that differ between the config in force
+// and cfg and that only a restart takes.
+func restartOnly(cur, cfg *config.Config) []string {
+	var fields []string
+	for _, f := range []struct {
+		name string
+		same bool
+	}{
+		{"cert", cur.Cert == cfg.Cert},
+		{"key", cur.Key == cfg.Key},
+		{"ca", cur.CA == cfg.CA},
+		{"listen", cur.Listen == cfg.Listen},
+		{"admin", cur.Admin == cfg.Admin},
+		{"revocations", cur.Revocations == cfg.Revocations},
+		{"timers", cur.Timers == cfg.Timers},
+		{"limits", cur.Limits == cfg.Limits},
+		{"partitions", maps.Equal(cur.Partitions, cfg.Partitions)},
+	} {
+		if !f.same {
+			fields = append(fields, f.name)
+		}
+	}
+	return fields
+}
+
+// watchConfig reloads the config when its file changes.
+func (a *Agent) watchConfig(ctx context.Context) {
+	t := time.NewTicker(lifecyclePoll)
+	defer t.Stop()
+	last, _ := os.Stat(a.cfg.Path)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		st, err := os.Stat(a.cfg.Path)
+		if err != nil {
+			continue // being replaced, say: the next tick sees the new one
+		}
+		if last != nil && st.ModTime().Equal(last.ModTime()) && st.Size() == last.Size() && os.SameFile(st, last) {
+			continue
+		}
+		last = st
+		a.log.Info("config file changed; reloading", "path", a.cfg.Path)
+		a.Reload()
+	}
+}
