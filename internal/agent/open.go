@@ -99,7 +99,13 @@ func (a *Agent) dial(p *partition, proc *procRef, sock *net.UnixConn, pre *bytes
 		return fail(wire.CodeLimit, a.cfg.Node, "%s", a.tableFull())
 	}
 	// From here the channel is in the tables: anything may end it (the
-	// peer restarting, the agent stopping), and its keys with it.
+	// peer restarting, the agent stopping, a reload), and its keys with
+	// it. A policy reloaded since the check above has either swept the
+	// tables after the channel entered them, or is seen here.
+	if why, ok := a.allows(ch.row()); !ok {
+		ch.end(nil, false)
+		return fail(wire.CodeDenied, a.cfg.Node, "%s", why)
+	}
 	m := &wire.Open{Kind: kind, Index: ch.state.index, Conn: ch.id, Window: ch.window,
 		SrcNode: a.cfg.Node, SrcPart: p.name, SrcProc: proc.wireID(),
 		DstNode: addr.Node, DstPart: addr.Partition, DstSvc: addr.Service}
@@ -391,7 +397,15 @@ func (a *Agent) accept(car carrier, m *wire.Open, p *partition, l *listener, ref
 	}
 	// From here the channel is in the tables: the peer may close it, or
 	// restart, at any moment, and its keys go with it. Each step finds
-	// out; a channel that ended is told to its socket by start.
+	// out; a channel that ended is told to its socket by start. A policy
+	// reloaded since the check in handleOpen is seen here, or swept the
+	// tables with the channel in them.
+	if why, ok := a.allows(ch.row()); !ok {
+		unix.Close(fds[1])
+		ch.end(nil, false)
+		ch.sock.Close()
+		return wire.CodeDenied, why
+	}
 	acc := &wire.Accept{InitIndex: m.Index, InitConn: m.Conn, Index: ch.state.index, Conn: ch.id,
 		Window: ch.window, DstProc: l.proc.wireID()}
 	if !ch.keys.copyRecv(acc.Key[:]) {

@@ -117,6 +117,11 @@ func (a *Agent) register(l *link.Link, want *peer) (reason string, ok bool) {
 		a.counters.refuse("peer_not_configured")
 		return fmt.Sprintf("node %q is not a configured peer of %q", name, a.cfg.Node), false
 	}
+	if a.revoked.Load().Revoked(l.Peer()) {
+		// Revoked after its handshake checked it: applyRevocations may have
+		// looked at the links already.
+		return fmt.Sprintf("the certificate of %s is revoked", name), false
+	}
 	cur := p.link
 	same := cur != nil && cur.PeerInstance() == l.PeerInstance()
 	if same {

@@ -59,55 +59,41 @@ func (a *Agent) Reload() error {
 
 // enforcePolicy checks every channel against the policy in force and ends
 // those it denies: code denied, by this agent, the peer agent told, so that
-// both processes learn it. A channel is checked as its open was: one this
-// agent dialed as its local process reaching the remote service, one it
-// accepted as the remote process reaching the local service; a channel
-// between two partitions of this node is both, and both its ends are
-// checked. An open checked under the old policy may enter the tables just
-// after the sweep: a second sweep, a moment later, ends it too.
+// both processes learn it. An open checked under the old policy that
+// enters the tables after the sweep is checked again once it is in them
+// (dial, accept): one way or the other, no channel the new policy denies
+// stays.
 func (a *Agent) enforcePolicy() {
-	a.denyChannels()
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if a.runCtx == nil || a.stopping {
-		return
-	}
-	done := a.runCtx.Done()
-	a.goRun(func() {
-		select {
-		case <-time.After(policyResweep):
-			a.denyChannels()
-		case <-done:
-		}
-	})
-}
-
-// policyResweep is how long after a reload its second policy sweep runs.
-const policyResweep = 250 * time.Millisecond
-
-func (a *Agent) denyChannels() {
-	pol := a.policy.Load()
 	n := 0
 	for _, ch := range a.tables.all() {
-		r := ch.row()
-		src := policy.Source{Node: a.cfg.Node, Partition: r.Partition, UID: r.Process.UID}
-		dst := policy.Dest{Node: r.RemoteNode, Partition: r.RemotePartition, Service: r.RemoteService}
-		if !r.Dialed {
-			src = policy.Source{Node: r.RemoteNode, Partition: r.RemotePartition, UID: r.RemoteProcess.UID}
-			dst = policy.Dest{Node: a.cfg.Node, Partition: r.Partition, Service: r.Service}
+		if why, ok := a.allows(ch.row()); !ok {
+			a.counters.refuse("denied_on_reload")
+			ch.end(&local.Error{Code: wire.CodeDenied.String(), Message: why, By: a.cfg.Node}, true)
+			n++
 		}
-		if pol.Allows(src, dst) {
-			continue
-		}
-		reason := fmt.Sprintf("policy of %s no longer allows %s/%s (uid %d) to reach %s/%s/%s",
-			a.cfg.Node, src.Node, src.Partition, src.UID, dst.Node, dst.Partition, dst.Service)
-		a.counters.refuse("denied_on_reload")
-		ch.end(&local.Error{Code: wire.CodeDenied.String(), Message: reason, By: a.cfg.Node}, true)
-		n++
 	}
 	if n > 0 {
 		a.log.Info("channels ended: the reloaded policy denies them", "count", n)
 	}
+}
+
+// allows checks a channel's row against the policy in force, as its open
+// was: one this agent dialed as its local process reaching the remote
+// service, one it accepted as the remote process reaching the local
+// service (a channel between two partitions of this node has a row for
+// each end). If it is denied it says why.
+func (a *Agent) allows(r local.Conn) (string, bool) {
+	src := policy.Source{Node: a.cfg.Node, Partition: r.Partition, UID: r.Process.UID}
+	dst := policy.Dest{Node: r.RemoteNode, Partition: r.RemotePartition, Service: r.RemoteService}
+	if !r.Dialed {
+		src = policy.Source{Node: r.RemoteNode, Partition: r.RemotePartition, UID: r.RemoteProcess.UID}
+		dst = policy.Dest{Node: a.cfg.Node, Partition: r.Partition, Service: r.Service}
+	}
+	if a.policy.Load().Allows(src, dst) {
+		return "", true
+	}
+	return fmt.Sprintf("policy of %s no longer allows %s/%s (uid %d) to reach %s/%s/%s",
+		a.cfg.Node, src.Node, src.Partition, src.UID, dst.Node, dst.Partition, dst.Service), false
 }
 
 // restartOnly names the settings that differ between the config in force
