@@ -126,7 +126,7 @@ func New(cfg *config.Config, log *slog.Logger) (*Agent, error) {
 		procs:      map[ident.Key]int{},
 		localConns: map[*net.UnixConn]struct{}{},
 	}
-	a.budget = newBudget(int64(cfg.Limits.Memory), int64(cfg.Limits.Memory)/8, 2*minWindow)
+	a.budget = newBudget(int64(cfg.Limits.Memory), int64(cfg.Limits.Memory)/8)
 	a.self = &selfCarrier{a: a, bud: a.peerBudget()}
 	a.policy.Store(cfg.Policy)
 	a.linkCfg = &link.Config{
@@ -155,10 +155,11 @@ func New(cfg *config.Config, log *slog.Logger) (*Agent, error) {
 	return a, nil
 }
 
-// peerBudget returns a peer's part of the memory budget: a quarter, so
-// that the channels of one peer cannot take all of it.
+// peerBudget returns a peer's part of the memory budget: three quarters,
+// so that the channels of one peer cannot take all of it.
 func (a *Agent) peerBudget() *memBudget {
-	return newBudget(max(a.budget.limit/4, 2*int64(a.cfg.Limits.Window)), 0, 0)
+	limit := max(a.budget.limit/4*3, 2*int64(a.cfg.Limits.Window))
+	return newBudget(limit, limit/8)
 }
 
 // MemoryLimit is the soft limit of the Go runtime for an agent process with

@@ -21,38 +21,40 @@ import (
 //     that peers seldom send what would be dropped; and opens are refused
 //     (`limit`) once only the reserve is left.
 //
-// A reserve (an eighth) is kept for channels that hold less than a fair
-// share, so that channels whose readers stopped, which hold their bytes,
-// cannot take the last of it from channels that move data. Each peer has a
-// budget of its own inside the agent's (a quarter), so one peer's channels
-// cannot take all of it either.
+// A reserve (an eighth) is kept for channels that keep up — that have
+// nothing queued for their process, or little unacknowledged — so that
+// channels whose readers stopped, which hold their bytes, cannot take the
+// last of it from channels that move data. Each peer has a budget of its
+// own inside the agent's (three quarters), so one peer's channels cannot
+// take all of it either.
 
 // memBudget is a bound on bytes held, with a reserve. Safe for concurrent use.
 type memBudget struct {
 	mu      sync.Mutex
 	limit   int64
-	reserve int64 // only channels holding less than share may use it
-	share   int64
+	reserve int64 // only channels that keep up may use it
 	used    int64
+	peak    int64 // the most used at once
 	waiters bool
 	freed   chan struct{} // closed and replaced when bytes come back with waiters
 }
 
-func newBudget(limit, reserve, share int64) *memBudget {
-	return &memBudget{limit: limit, reserve: reserve, share: share, freed: make(chan struct{})}
+func newBudget(limit, reserve int64) *memBudget {
+	return &memBudget{limit: limit, reserve: reserve, freed: make(chan struct{})}
 }
 
-// take takes n bytes for a channel that holds own bytes already: from the
-// shared part while it lasts, and from the reserve while the channel holds
-// less than its share. It reports whether it took them.
-func (b *memBudget) take(n, own int64) bool {
+// take takes n bytes for a channel: from the shared part while it lasts,
+// and from the reserve if the channel is not behind (it keeps up). It
+// reports whether it took them.
+func (b *memBudget) take(n int64, behind bool) bool {
 	if b == nil || n <= 0 {
 		return true
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if b.used+n <= b.limit-b.reserve || (own+n <= b.share && b.used+n <= b.limit) {
+	if b.used+n <= b.limit-b.reserve || (!behind && b.used+n <= b.limit) {
 		b.used += n
+		b.peak = max(b.peak, b.used)
 		return true
 	}
 	return false
@@ -94,6 +96,13 @@ func (b *memBudget) inUse() int64 {
 	return b.used
 }
 
+// peakUse returns the most bytes held at once so far.
+func (b *memBudget) peakUse() int64 {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.peak
+}
+
 // spent reports whether only the reserve is left: no new channel opens.
 func (b *memBudget) spent() bool {
 	b.mu.Lock()
@@ -102,14 +111,18 @@ func (b *memBudget) spent() bool {
 }
 
 // window returns the window to grant a channel now, between lo and hi: a
-// channel is offered at most a sixteenth of what is free of the shared
-// part, so windows shrink as the budget fills.
-func (b *memBudget) window(lo, hi int64) int64 {
+// channel is offered at most a sixteenth of what is free — of the shared
+// part, or with the reserve if it keeps up — so windows shrink as the
+// budget fills.
+func (b *memBudget) window(lo, hi int64, keepsUp bool) int64 {
 	if b == nil {
 		return hi
 	}
 	b.mu.Lock()
-	free := b.limit - b.reserve - b.used
+	free := b.limit - b.used
+	if !keepsUp {
+		free -= b.reserve
+	}
 	b.mu.Unlock()
 	return min(max(free/16, lo), hi)
 }
@@ -119,11 +132,11 @@ func (b *memBudget) window(lo, hi int64) int64 {
 type budgets struct{ peer, agent *memBudget }
 
 // take takes n bytes from both, or from neither.
-func (bs budgets) take(n, own int64) bool {
-	if !bs.peer.take(n, own) {
+func (bs budgets) take(n int64, behind bool) bool {
+	if !bs.peer.take(n, behind) {
 		return false
 	}
-	if !bs.agent.take(n, own) {
+	if !bs.agent.take(n, behind) {
 		bs.peer.release(n)
 		return false
 	}
@@ -144,6 +157,6 @@ func (bs budgets) wait() (<-chan struct{}, <-chan struct{}) {
 	return p, bs.agent.wait()
 }
 
-func (bs budgets) window(lo, hi int64) int64 {
-	return min(bs.peer.window(lo, hi), bs.agent.window(lo, hi))
+func (bs budgets) window(lo, hi int64, keepsUp bool) int64 {
+	return min(bs.peer.window(lo, hi, keepsUp), bs.agent.window(lo, hi, keepsUp))
 }

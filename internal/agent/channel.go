@@ -188,14 +188,18 @@ type carrier interface {
 const minWindow = wire.MaxPayload
 
 // setSocket gives the channel the process's data socket. Its send buffer
-// is sized to hold the largest window, so that what the peer may send us
-// in one go can be written to the process at once (deliverNow) rather
-// than in pieces by the inbound pump; the kernel clamps it to
-// net.core.wmem_max.
+// holds a few full frames, so that what the peer sends in a burst is
+// mostly written to the process at once (deliverNow) rather than in pieces
+// by the inbound pump — but no more: a channel whose process stops reading
+// holds its send buffer full, in kernel memory the budget does not see
+// (the kernel doubles the size asked for, up to net.core.wmem_max).
 func (ch *channel) setSocket(sock *net.UnixConn, pre *bytes.Reader) {
 	ch.sock, ch.pre = sock, pre
-	sock.SetWriteBuffer(ch.a.cfg.Limits.Window)
+	sock.SetWriteBuffer(min(ch.a.cfg.Limits.Window, socketBuffer))
 }
+
+// socketBuffer bounds the send buffer of a process's data socket.
+const socketBuffer = 256 << 10
 
 func (a *Agent) newChannel(kind wire.Kind, part string, owner *procRef, car carrier) *channel {
 	return &channel{
@@ -211,13 +215,14 @@ func (a *Agent) newChannel(kind wire.Kind, part string, owner *procRef, car carr
 	}
 }
 
-// openWindow sets the window the channel grants its peer first; it
-// reports false when the memory budget is spent (the open is refused).
+// openWindow sets the window the channel grants its peer first: the
+// least, which grows as the process reads (see delivered). It reports
+// false when the memory budget is spent (the open is refused).
 func (ch *channel) openWindow() bool {
 	if ch.a.budget.spent() {
 		return false
 	}
-	ch.window = uint32(ch.bud.window(minWindow, int64(ch.a.cfg.Limits.Window)))
+	ch.window = minWindow
 	ch.granted = uint64(ch.window)
 	return true
 }

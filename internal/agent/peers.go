@@ -504,7 +504,11 @@ func (a *Agent) handleAdmin(req admin.Request) *admin.Response {
 		slices.SortFunc(rows, func(x, y admin.ConnRow) int { return cmp.Compare(x.ID, y.ID) })
 		return &admin.Response{OK: true, Node: a.cfg.Node, Conns: rows}
 	case "stats":
-		return &admin.Response{OK: true, Node: a.cfg.Node, Counters: a.counters.snapshot()}
+		c := a.counters.snapshot()
+		c["memory_limit"] = uint64(a.budget.limit)
+		c["memory_in_use"] = uint64(a.budget.inUse())
+		c["memory_peak"] = uint64(a.budget.peakUse())
+		return &admin.Response{OK: true, Node: a.cfg.Node, Counters: c}
 	}
 	return admin.Fail("unknown_op", fmt.Sprintf("unknown op %.40q; this agent knows: peers, conns, stats", req.Op))
 }

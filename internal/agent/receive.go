@@ -132,7 +132,7 @@ func (ch *channel) receive(car carrier, frame []byte, h *wire.DataHeader, sealed
 	}
 	// The memory budget: what does not fit is dropped, unacknowledged,
 	// and comes again (the sender's retransmission timer).
-	if !ch.bud.take(int64(len(pt)), ch.held) {
+	if !ch.bud.take(int64(len(pt)), ch.held > 0) {
 		c.memoryDrops.Add(1)
 		return
 	}
@@ -407,17 +407,40 @@ func (ch *channel) grant(n uint64) {
 // credit is due: it goes back in batches of half a window, so that a bulk
 // transfer costs a Credit message (a write on the link) per half window
 // rather than per frame, while the sender still has the other half to
-// send meanwhile. The window shrinks as the memory budget fills. After its
-// FIN the peer sends nothing more. Called under rmu.
+// send meanwhile. After its FIN the peer sends nothing more. Called under
+// rmu.
+//
+// The window starts small and doubles at each grant while the process
+// keeps up — its socket holds less than half its buffer unread — and as
+// far as the memory budget allows; it halves when the process falls
+// behind. So a channel whose reader stopped grants little, and holds
+// little, while one that moves data soon grants its full window.
 func (ch *channel) delivered(n uint64) bool {
 	ch.deliveredB += n
-	ch.window = uint32(ch.bud.window(minWindow, int64(ch.a.cfg.Limits.Window)))
 	limit := ch.deliveredB + uint64(ch.window)
 	if limit <= ch.granted || limit-ch.granted < uint64(ch.window)/2 || ch.finIn {
 		return false
 	}
-	ch.granted = limit
+	keepsUp := ch.held == 0 && ch.unread() < socketBuffer/2
+	if keepsUp {
+		ch.window = uint32(min(2*int64(ch.window), ch.bud.window(minWindow, int64(ch.a.cfg.Limits.Window), true)))
+	} else {
+		ch.window = uint32(max(int64(ch.window)/2, minWindow))
+	}
+	ch.granted = max(ch.granted, ch.deliveredB+uint64(ch.window))
 	return true
+}
+
+// unread returns how many bytes the process has not read yet of what was
+// written to its socket (as the kernel counts them, with their overhead).
+func (ch *channel) unread() int {
+	rc, err := ch.sock.SyscallConn()
+	if err != nil {
+		return 0
+	}
+	q := 0
+	rc.Control(func(fd uintptr) { q, _ = unix.IoctlGetInt(int(fd), unix.SIOCOUTQ) })
+	return q
 }
 
 // sendAck sends the receiving side's state: credit granted, frames had, and

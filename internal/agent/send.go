@@ -54,6 +54,18 @@ func (ch *channel) outbound() {
 		}
 	}()
 	for {
+		if (br == nil || br.Buffered() == 0) && (ch.pre == nil || ch.pre.Len() == 0) && ch.creditLeft() < minWindow {
+			// Little credit: wait for more before reading on, without a
+			// read buffer, so that a channel whose peer stopped reading
+			// holds none (its process's bytes wait in its socket).
+			if br != nil {
+				putReader(br)
+				br = nil
+			}
+			if !ch.awaitCredit(minWindow) {
+				return
+			}
+		}
 		if br != nil && br.Buffered() == 0 && (ch.pre == nil || ch.pre.Len() == 0) {
 			// At a record boundary with nothing read ahead: the pump
 			// waits a while for more, and then, on a channel gone idle,
@@ -410,7 +422,7 @@ func (ch *channel) takeCredit(n int) bool {
 // takeLocked takes n bytes of credit and budget if both have them, and
 // the channel has not ended (end gave its budget back). Called under smu.
 func (ch *channel) takeLocked(n int) bool {
-	if ch.ended.Load() || !ch.bud.take(int64(n), int64(ch.sent-ch.ackedB)) {
+	if ch.ended.Load() || !ch.bud.take(int64(n), ch.sent-ch.ackedB+uint64(n) > 2*minWindow) {
 		return false
 	}
 	ch.sent += uint64(n)
@@ -445,6 +457,19 @@ func (ch *channel) waitCredit(n int) bool {
 			return false
 		}
 	}
+}
+
+// awaitCredit waits until the peer's credit allows n bytes, without taking
+// them; it reports false if the channel ended meanwhile.
+func (ch *channel) awaitCredit(n int) bool {
+	for ch.creditLeft() < uint64(n) {
+		select {
+		case <-ch.creditSig:
+		case <-ch.done:
+			return false
+		}
+	}
+	return true
 }
 
 var errKeysGone = errors.New("channel keys are gone")

@@ -26,7 +26,18 @@ func main() {
 	channels := flag.Int("channels", 1000, "channels to open, spread over the node pairs")
 	messages := flag.Int("messages", 1000, "messages each way on each channel")
 	busy := flag.Int("busy", 200, "channels sending at once (all stay open)")
+	stall := flag.Int("stall", 0, "instead: open this many channels from the first node to a reader on the second that never reads, "+
+		"and measure a bulk transfer beside them before and while they are stalled")
+	bulk := flag.Int("bulk", 64<<20, "bytes of each bulk transfer (with -stall)")
 	flag.Parse()
+	if *stall > 0 {
+		res := runStall(nodes, *stall, *bulk)
+		json.NewEncoder(os.Stdout).Encode(res)
+		if res.Error != "" {
+			os.Exit(1)
+		}
+		return
+	}
 	res := run(nodes, *channels, *messages, *busy)
 	json.NewEncoder(os.Stdout).Encode(res)
 	if res.Error != "" {
