@@ -51,6 +51,14 @@ func (a *Agent) dial(p *partition, proc *procRef, sock *net.UnixConn, pre *bytes
 	}
 	deadline := time.Now().Add(a.cfg.Timers.Open)
 
+	// Policy first: a process the policy does not allow learns nothing of
+	// the peers (which exist, which are up) from its answer.
+	src := policy.Source{Node: a.cfg.Node, Partition: p.name, UID: proc.uid}
+	if !a.policy.Load().Allows(src, policy.Dest{Node: addr.Node, Partition: addr.Partition, Service: addr.Service}) {
+		a.log.Info("channel open denied by policy", "from", p.name, "uid", proc.uid, "to", addr.String())
+		return fail(wire.CodeDenied, a.cfg.Node, "policy of %s does not allow %s/%s (uid %d) to reach %s",
+			a.cfg.Node, a.cfg.Node, p.name, proc.uid, addr)
+	}
 	var car carrier
 	if addr.Node == a.cfg.Node {
 		car = a.self
@@ -60,17 +68,14 @@ func (a *Agent) dial(p *partition, proc *procRef, sock *net.UnixConn, pre *bytes
 			return fail(wire.CodeNoSuchNode, a.cfg.Node, "node %q is not a peer of %s", addr.Node, a.cfg.Node)
 		}
 		if _, err := a.waitLink(pr, deadline); err != nil {
-			return fail(wire.CodeUnreachable, a.cfg.Node, "node %q: %v", addr.Node, err)
+			// The reason names the peer's address: for the log and the
+			// admin's sinc peers, not for the process.
+			a.log.Info("channel open: no link to the peer", "from", p.name, "uid", proc.uid, "to", addr.String(), "err", err)
+			return fail(wire.CodeUnreachable, a.cfg.Node, "node %q is unreachable: no link to it is up", addr.Node)
 		}
 		car = pr.carrier
 	}
-	src := policy.Source{Node: a.cfg.Node, Partition: p.name, UID: proc.uid}
-	if !a.policy.Load().Allows(src, policy.Dest{Node: addr.Node, Partition: addr.Partition, Service: addr.Service}) {
-		a.log.Info("channel open denied by policy", "from", p.name, "uid", proc.uid, "to", addr.String())
-		return fail(wire.CodeDenied, a.cfg.Node, "policy of %s does not allow %s/%s (uid %d) to reach %s",
-			a.cfg.Node, a.cfg.Node, p.name, proc.uid, addr)
-	}
-	if err := proc.take(true); err != nil {
+	if err := proc.take(true, addr.Node, addr.Partition); err != nil {
 		return fail(wire.CodeLimit, a.cfg.Node, "%v", err)
 	}
 	ch := a.newChannel(kind, p.name, proc, car)
@@ -79,7 +84,7 @@ func (a *Agent) dial(p *partition, proc *procRef, sock *net.UnixConn, pre *bytes
 	ch.opened = make(chan *local.Error, 1)
 	ch.state = chanState{peer: addr.Node, remotePart: addr.Partition, status: "opening"}
 	if err := ch.keys.alloc(a.arena); err != nil {
-		proc.release(true)
+		proc.release(true, addr.Node, addr.Partition)
 		return fail(wire.CodeLimit, a.cfg.Node, "%s", a.tableFull())
 	}
 	ch.keys.pickRecv()
@@ -88,7 +93,7 @@ func (a *Agent) dial(p *partition, proc *procRef, sock *net.UnixConn, pre *bytes
 		RemotePartition: addr.Partition, RemoteService: addr.Service, Kind: kind.String(), Dialed: true, Created: time.Now()}
 	if err := a.tables.add(ch); err != nil {
 		ch.keys.zero()
-		proc.release(true)
+		proc.release(true, addr.Node, addr.Partition)
 		return fail(wire.CodeLimit, a.cfg.Node, "%s", a.tableFull())
 	}
 	m := &wire.Open{Kind: kind, Index: ch.state.index, Conn: ch.id, Window: ch.window,
@@ -231,15 +236,17 @@ func (a *Agent) handleOpen(car carrier, m *wire.Open) {
 		refuse(wire.CodeNoSuchNode, "this is %s, not %s", a.cfg.Node, m.DstNode)
 		return
 	}
-	p := a.partitions[m.DstPart]
-	if p == nil {
-		refuse(wire.CodeNoSuchPart, "%s has no partition %q", a.cfg.Node, m.DstPart)
-		return
-	}
+	// Policy before the partition's existence: a peer the policy denies
+	// learns nothing of what this node hosts.
 	src := policy.Source{Node: m.SrcNode, Partition: m.SrcPart, UID: m.SrcProc.UID}
 	if !a.policy.Load().Allows(src, policy.Dest{Node: a.cfg.Node, Partition: m.DstPart, Service: m.DstSvc}) {
 		refuse(wire.CodeDenied, "policy of %s does not allow %s/%s (uid %d) to reach %s/%s/%s",
 			a.cfg.Node, m.SrcNode, m.SrcPart, m.SrcProc.UID, a.cfg.Node, m.DstPart, m.DstSvc)
+		return
+	}
+	p := a.partitions[m.DstPart]
+	if p == nil {
+		refuse(wire.CodeNoSuchPart, "%s has no partition %q", a.cfg.Node, m.DstPart)
 		return
 	}
 	l := p.listener(m.DstSvc)
@@ -273,12 +280,12 @@ func (a *Agent) handleOpen(car carrier, m *wire.Open) {
 // accept makes the channel for an Open that passed every check and hands
 // its socket to the listener. It runs off the link's reading goroutine.
 func (a *Agent) accept(car carrier, m *wire.Open, p *partition, l *listener) (wire.Code, string) {
-	if err := l.proc.take(false); err != nil {
+	if err := l.proc.take(false, car.name(), m.SrcPart); err != nil {
 		return wire.CodeLimit, err.Error()
 	}
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
-		l.proc.release(false)
+		l.proc.release(false, car.name(), m.SrcPart)
 		return wire.CodeInternal, "socketpair: " + err.Error()
 	}
 	f := os.NewFile(uintptr(fds[0]), "channel")
@@ -286,7 +293,7 @@ func (a *Agent) accept(car carrier, m *wire.Open, p *partition, l *listener) (wi
 	f.Close()
 	if err != nil {
 		unix.Close(fds[1])
-		l.proc.release(false)
+		l.proc.release(false, car.name(), m.SrcPart)
 		return wire.CodeInternal, "socket: " + err.Error()
 	}
 	ch := a.newChannel(m.Kind, p.name, l.proc, car)
@@ -295,7 +302,7 @@ func (a *Agent) accept(car carrier, m *wire.Open, p *partition, l *listener) (wi
 	if err := ch.keys.alloc(a.arena); err != nil {
 		unix.Close(fds[1])
 		ch.sock.Close()
-		l.proc.release(false)
+		l.proc.release(false, car.name(), m.SrcPart)
 		return wire.CodeLimit, a.tableFull()
 	}
 	ch.keys.pickRecv()
