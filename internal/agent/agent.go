@@ -18,7 +18,6 @@ import (
 	"sinc.dev/sinc/internal/admin"
 	"sinc.dev/sinc/internal/cert"
 	"sinc.dev/sinc/internal/config"
-	"sinc.dev/sinc/internal/ident"
 	"sinc.dev/sinc/internal/link"
 	"sinc.dev/sinc/internal/policy"
 	"sinc.dev/sinc/internal/secret"
@@ -57,8 +56,7 @@ type Agent struct {
 	tables     *tables
 	counters   counters
 
-	procMu sync.Mutex
-	procs  map[ident.Key]int // channels per process
+	quotas *quotas // channels counted against the limits (quota.go)
 
 	localMu    sync.Mutex
 	localConns map[*net.UnixConn]struct{} // process connections being served; nil once stopping
@@ -123,7 +121,7 @@ func New(cfg *config.Config, log *slog.Logger) (*Agent, error) {
 		peers:      make(map[string]*peer, len(cfg.Peers)),
 		partitions: make(map[string]*partition, len(cfg.Partitions)),
 		tables:     newTables(cfg.Limits.Channels),
-		procs:      map[ident.Key]int{},
+		quotas:     newQuotas(cfg.Limits),
 		localConns: map[*net.UnixConn]struct{}{},
 	}
 	a.budget = newBudget(int64(cfg.Limits.Memory), int64(cfg.Limits.Memory)/8)

@@ -356,7 +356,7 @@ func (ch *channel) finish(why *local.Error, tell *wire.Close) {
 	if started {
 		ch.closeSocket(why)
 	}
-	ch.owner.release(ch.dialed)
+	ch.owner.release(ch.dialed, st.peer, st.remotePart)
 	if why != nil {
 		ch.a.log.Debug("channel ended", "conn", ch.id, "peer", st.peer, "code", why.Code, "reason", why.Message)
 	}

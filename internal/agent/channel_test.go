@@ -138,6 +138,11 @@ func TestSameNodeChannel(t *testing.T) {
 func TestOpenRefusals(t *testing.T) {
 	specs := append([]cluster.NodeSpec(nil), channelSpecs...)
 	specs = append(specs, cluster.NodeSpec{Name: "node-c", Partitions: []string{"x"}})
+	// Policy comes first (TestLeaksOfDeniedOpens): web may try any node,
+	// and node-b lets it try any of its partitions, so the other refusals
+	// are reached.
+	specs[0].Extra += "\n[[allow]]\nfrom = \"node-a/web\"\nto = \"*/*/*\"\n"
+	specs[1].Extra += "\n[[allow]]\nfrom = \"node-a/web\"\nto = \"node-b/*/*\"\n"
 	c, err := cluster.Make(shortTempDir(t), specs, fastTimers)
 	if err != nil {
 		t.Fatal(err)

@@ -621,7 +621,8 @@ func TestHostileOpenRefusals(t *testing.T) {
 		code            wire.Code
 		want            string
 	}{
-		{"node-a", "nope", "sink", wire.CodeNoSuchPart, `node-a has no partition "nope"`},
+		// Policy comes before the partition's existence (TestLeaksOfDeniedOpens).
+		{"node-a", "nope", "sink", wire.CodeDenied, "policy of node-a does not allow node-c/app (uid 1000) to reach node-a/nope/sink"},
 		{"node-a", "db", "nope", wire.CodeNoSuchService, "no process listens on node-a/db/nope"},
 		{"node-a", "other", "svc", wire.CodeDenied, "policy of node-a does not allow node-c/app (uid 1000) to reach node-a/other/svc"},
 		{"node-z", "db", "sink", wire.CodeNoSuchNode, "this is node-a, not node-z"},

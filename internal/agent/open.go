@@ -51,6 +51,14 @@ func (a *Agent) dial(p *partition, proc *procRef, sock *net.UnixConn, pre *bytes
 	}
 	deadline := time.Now().Add(a.cfg.Timers.Open)
 
+	// Policy first: a process the policy does not allow learns nothing of
+	// the peers (which exist, which are up) from its answer.
+	src := policy.Source{Node: a.cfg.Node, Partition: p.name, UID: proc.uid}
+	if !a.policy.Load().Allows(src, policy.Dest{Node: addr.Node, Partition: addr.Partition, Service: addr.Service}) {
+		a.log.Info("channel open denied by policy", "from", p.name, "uid", proc.uid, "to", addr.String())
+		return fail(wire.CodeDenied, a.cfg.Node, "policy of %s does not allow %s/%s (uid %d) to reach %s",
+			a.cfg.Node, a.cfg.Node, p.name, proc.uid, addr)
+	}
 	var car carrier
 	if addr.Node == a.cfg.Node {
 		car = a.self
@@ -69,13 +77,7 @@ func (a *Agent) dial(p *partition, proc *procRef, sock *net.UnixConn, pre *bytes
 		}
 		car = pr.carrier
 	}
-	src := policy.Source{Node: a.cfg.Node, Partition: p.name, UID: proc.uid}
-	if !a.policy.Load().Allows(src, policy.Dest{Node: addr.Node, Partition: addr.Partition, Service: addr.Service}) {
-		a.log.Info("channel open denied by policy", "from", p.name, "uid", proc.uid, "to", addr.String())
-		return fail(wire.CodeDenied, a.cfg.Node, "policy of %s does not allow %s/%s (uid %d) to reach %s",
-			a.cfg.Node, a.cfg.Node, p.name, proc.uid, addr)
-	}
-	if err := proc.take(true); err != nil {
+	if err := proc.take(true, addr.Node, addr.Partition); err != nil {
 		return fail(wire.CodeLimit, a.cfg.Node, "%v", err)
 	}
 	ch := a.newChannel(kind, p.name, proc, car)
@@ -84,18 +86,18 @@ func (a *Agent) dial(p *partition, proc *procRef, sock *net.UnixConn, pre *bytes
 	ch.opened = make(chan *local.Error, 1)
 	ch.state = chanState{peer: addr.Node, remotePart: addr.Partition, status: statusOpening}
 	if !ch.openWindow() {
-		proc.release(true)
+		proc.release(true, addr.Node, addr.Partition)
 		return fail(wire.CodeLimit, a.cfg.Node, "%s", a.budgetSpent())
 	}
 	if err := ch.keys.alloc(a.arena); err != nil {
-		proc.release(true)
+		proc.release(true, addr.Node, addr.Partition)
 		return fail(wire.CodeLimit, a.cfg.Node, "%s", a.tableFull())
 	}
 	ch.conn = local.Conn{Partition: p.name, Process: proc.wire(), RemoteNode: addr.Node,
 		RemotePartition: addr.Partition, RemoteService: addr.Service, Kind: kind.String(), Dialed: true, Created: time.Now()}
 	if err := a.tables.add(ch); err != nil {
 		ch.keys.zero()
-		proc.release(true)
+		proc.release(true, addr.Node, addr.Partition)
 		return fail(wire.CodeLimit, a.cfg.Node, "%s", a.tableFull())
 	}
 	// From here the channel is in the tables: anything may end it (the
@@ -312,15 +314,17 @@ func (a *Agent) handleOpen(car carrier, m *wire.Open) {
 		refuse(wire.CodeNoSuchNode, "this is %s, not %s", a.cfg.Node, m.DstNode)
 		return
 	}
-	p := a.partitions[m.DstPart]
-	if p == nil {
-		refuse(wire.CodeNoSuchPart, "%s has no partition %q", a.cfg.Node, m.DstPart)
-		return
-	}
+	// Policy before the partition's existence: a peer the policy denies
+	// learns nothing of what this node hosts.
 	src := policy.Source{Node: m.SrcNode, Partition: m.SrcPart, UID: m.SrcProc.UID}
 	if !a.policy.Load().Allows(src, policy.Dest{Node: a.cfg.Node, Partition: m.DstPart, Service: m.DstSvc}) {
 		refuse(wire.CodeDenied, "policy of %s does not allow %s/%s (uid %d) to reach %s/%s/%s",
 			a.cfg.Node, m.SrcNode, m.SrcPart, m.SrcProc.UID, a.cfg.Node, m.DstPart, m.DstSvc)
+		return
+	}
+	p := a.partitions[m.DstPart]
+	if p == nil {
+		refuse(wire.CodeNoSuchPart, "%s has no partition %q", a.cfg.Node, m.DstPart)
 		return
 	}
 	l := p.listener(m.DstSvc)
@@ -350,12 +354,12 @@ func (a *Agent) handleOpen(car carrier, m *wire.Open) {
 // listener (which may have to wait for the listener) and answering the
 // peer run off that goroutine, and give back the accepting token.
 func (a *Agent) accept(car carrier, m *wire.Open, p *partition, l *listener, refuse func(wire.Code, string, ...any)) (wire.Code, string) {
-	if err := l.proc.take(false); err != nil {
+	if err := l.proc.take(false, car.name(), m.SrcPart); err != nil {
 		return wire.CodeLimit, err.Error()
 	}
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
-		l.proc.release(false)
+		l.proc.release(false, car.name(), m.SrcPart)
 		return wire.CodeInternal, "socketpair: " + err.Error()
 	}
 	f := os.NewFile(uintptr(fds[0]), "channel")
@@ -363,7 +367,7 @@ func (a *Agent) accept(car carrier, m *wire.Open, p *partition, l *listener, ref
 	f.Close()
 	if err != nil {
 		unix.Close(fds[1])
-		l.proc.release(false)
+		l.proc.release(false, car.name(), m.SrcPart)
 		return wire.CodeInternal, "socket: " + err.Error()
 	}
 	ch := a.newChannel(m.Kind, p.name, l.proc, car)
@@ -372,13 +376,13 @@ func (a *Agent) accept(car carrier, m *wire.Open, p *partition, l *listener, ref
 	if !ch.openWindow() {
 		unix.Close(fds[1])
 		ch.sock.Close()
-		l.proc.release(false)
+		l.proc.release(false, car.name(), m.SrcPart)
 		return wire.CodeLimit, a.budgetSpent()
 	}
 	if err := ch.keys.alloc(a.arena); err != nil {
 		unix.Close(fds[1])
 		ch.sock.Close()
-		l.proc.release(false)
+		l.proc.release(false, car.name(), m.SrcPart)
 		return wire.CodeLimit, a.tableFull()
 	}
 	ch.keys.setSend(m.Key[:])

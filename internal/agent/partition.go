@@ -10,7 +10,9 @@ import (
 	"io"
 	"net"
 	"os"
+	"regexp"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -20,17 +22,17 @@ import (
 	"sinc.dev/sinc/internal/wire"
 )
 
-// partition is one partition this node hosts: its socket, its listeners
-// and its channel count.
+// partition is one partition this node hosts: its socket, the requests
+// waiting to be read on it, and its listeners.
 type partition struct {
-	name    string
-	cfg     config.Partition
-	ln      *net.UnixListener
-	pending chan struct{} // one token per request being read
+	name  string
+	cfg   config.Partition
+	ln    *net.UnixListener
+	adm   *admission // who is read when (admission.go)
+	quiet quietLog   // refusals of the socket, logged at most once a second
 
 	mu       sync.Mutex
 	services map[string]*listener
-	channels int
 }
 
 // listener is a process listening on a service of a partition.
@@ -51,13 +53,34 @@ func (l *listener) notify(row *local.Conn, fd int) error {
 	return local.SendWithFD(l.conn, append(b, '\n'), fd)
 }
 
+// listener returns the listener of service, if any. A listener that the
+// listen rules in force (they may have been reloaded since it started) no
+// longer allow is dropped: it gets no more channels.
 func (p *partition) listener(service string) *listener {
 	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.services[service]
+	l := p.services[service]
+	p.mu.Unlock()
+	if l == nil {
+		return nil
+	}
+	a := l.proc.a
+	if ok, _ := a.policy.Load().MayListen(p.name, service, l.proc.uid); ok {
+		return l
+	}
+	p.mu.Lock()
+	if p.services[service] == l {
+		delete(p.services, service)
+	}
+	p.mu.Unlock()
+	a.counters.refuse("listen_denied")
+	a.log.Warn("listener dropped: the partition's listen rules no longer allow it", "partition", p.name,
+		"service", service, "pid", l.proc.pid, "uid", l.proc.uid)
+	l.conn.Close() // its listen ends
+	return nil
 }
 
-// procRef is a connected process and what it holds against the limits.
+// procRef is a connected process; budget.go counts its channels against
+// the limits.
 type procRef struct {
 	a        *Agent
 	part     *partition
@@ -76,45 +99,6 @@ func (r *procRef) wireID() wire.Proc {
 	return wire.Proc{PID: uint32(r.pid), UID: r.uid, GID: r.gid}
 }
 
-// take counts one more channel against the partition's limit and, for a
-// channel the process dialed (dialed), against the process's: a process
-// that floods opens meets its own limit, while a service is bounded by its
-// partition's.
-func (r *procRef) take(dialed bool) error {
-	a, lim := r.a, r.a.cfg.Limits
-	a.procMu.Lock()
-	defer a.procMu.Unlock()
-	k := r.key
-	if dialed && a.procs[k] >= lim.ChannelsPerProcess {
-		return fmt.Errorf("process %d has %d channels open, the limit per process", r.pid, lim.ChannelsPerProcess)
-	}
-	r.part.mu.Lock()
-	defer r.part.mu.Unlock()
-	if r.part.channels >= lim.ChannelsPerPartition {
-		return fmt.Errorf("partition %s has %d channels open, its limit", r.part.name, lim.ChannelsPerPartition)
-	}
-	if dialed {
-		a.procs[k]++
-	}
-	r.part.channels++
-	return nil
-}
-
-// release gives back what take counted.
-func (r *procRef) release(dialed bool) {
-	a := r.a
-	a.procMu.Lock()
-	defer a.procMu.Unlock()
-	if k := r.key; dialed {
-		if a.procs[k]--; a.procs[k] <= 0 {
-			delete(a.procs, k)
-		}
-	}
-	r.part.mu.Lock()
-	r.part.channels--
-	r.part.mu.Unlock()
-}
-
 // listenPartitions makes every partition's socket.
 func (a *Agent) listenPartitions() error {
 	for _, name := range sortedPartitions(a.cfg) {
@@ -124,8 +108,11 @@ func (a *Agent) listenPartitions() error {
 			a.closePartitions()
 			return fmt.Errorf("partition %s: %w", name, err)
 		}
-		a.partitions[name] = &partition{name: name, cfg: pc, ln: ln, services: map[string]*listener{},
-			pending: make(chan struct{}, a.cfg.Limits.PendingRequests)}
+		p := &partition{name: name, cfg: pc, ln: ln, services: map[string]*listener{}}
+		lim := a.cfg.Limits
+		p.adm = newAdmission(lim.PendingRequests, lim.PendingRequestsPerUID, lim.QueuedRequests, lim.QueuedRequestsPerUID,
+			a.cfg.Timers.Request, func(ws []*waiter) { a.expired(p, ws) })
+		a.partitions[name] = p
 	}
 	return nil
 }
@@ -136,10 +123,20 @@ func (a *Agent) closePartitions() {
 			p.ln.Close()
 			os.Remove(p.cfg.Socket)
 		}
+		if p.adm != nil {
+			for _, w := range p.adm.close() {
+				w.conn.Close()
+			}
+		}
 	}
 }
 
+// acceptLocal accepts the processes of partition p and admits them (see
+// admission.go): the uid first, from SO_PEERCRED, nothing else before it.
 func (a *Agent) acceptLocal(p *partition) {
+	stop := make(chan struct{})
+	defer close(stop)
+	a.goRun(func() { p.adm.run(stop) })
 	for {
 		conn, err := p.ln.AcceptUnix()
 		if err != nil {
@@ -150,21 +147,67 @@ func (a *Agent) acceptLocal(p *partition) {
 			time.Sleep(10 * time.Millisecond)
 			continue
 		}
-		select {
-		case p.pending <- struct{}{}:
-		default:
-			a.log.Warn("partition request refused: too many requests in progress", "partition", p.name,
-				"limit", cap(p.pending))
-			reply(conn, failure(wire.CodeBusy, a.cfg.Node, "too many requests in progress on partition "+p.name))
-			conn.Close()
+		w := &waiter{conn: conn, accepted: time.Now()}
+		if w.uid, err = peerUID(conn); err != nil {
+			a.refuseRequest(p, conn, "request_no_credentials", wire.CodeInternal,
+				"cannot read the credentials of the connecting process", "err", err)
 			continue
 		}
-		if !a.trackLocal(conn) {
-			<-p.pending
+		switch p.adm.admit(w) {
+		case serveNow:
+			a.serveRequest(p, w)
+		case queued: // served when a slot frees (requestRead), or answered when its time runs out (expired)
+		case busyUID:
+			a.refuseRequest(p, conn, "request_queue_full_uid", wire.CodeBusy,
+				fmt.Sprintf("uid %d has %d requests waiting on partition %s, its share; try again", w.uid, p.adm.queuePerUID, p.name),
+				"uid", w.uid, "limit", p.adm.queuePerUID)
+		case busyAll:
+			a.refuseRequest(p, conn, "request_queue_full", wire.CodeBusy,
+				fmt.Sprintf("%d requests are waiting on partition %s, its limit; try again", p.adm.queue, p.name),
+				"uid", w.uid, "limit", p.adm.queue)
+		default: // closing
 			conn.Close()
-			continue
 		}
-		a.goRun(func() { a.serveLocal(p, conn) })
+	}
+}
+
+// refuseRequest answers a process connection at once with code and msg,
+// closes it, and counts and logs (at most once a second per reason) why.
+func (a *Agent) refuseRequest(p *partition, conn *net.UnixConn, reason string, code wire.Code, msg string, logArgs ...any) {
+	a.counters.refuse(reason)
+	if n, ok := p.quiet.allow(reason, time.Now()); ok {
+		a.log.Warn("partition request refused", append([]any{"partition", p.name, "reason", reason,
+			"suppressed", n}, logArgs...)...)
+	}
+	reply(conn, failure(code, a.cfg.Node, msg))
+	conn.Close()
+}
+
+// serveRequest serves w, which holds a slot, and serves in its place the
+// waiters that get its slot if it cannot be served (the agent is stopping).
+func (a *Agent) serveRequest(p *partition, w *waiter) {
+	for w != nil {
+		if a.trackLocal(w.conn) {
+			a.goRun(func() { a.serveLocal(p, w) })
+			return
+		}
+		w.conn.Close()
+		w = p.adm.done(w.uid)
+	}
+}
+
+// requestRead gives back w's slot: its request was read, or will never be.
+func (a *Agent) requestRead(p *partition, w *waiter) {
+	if next := p.adm.done(w.uid); next != nil {
+		a.serveRequest(p, next)
+	}
+}
+
+// expired answers waiters whose request time ran out in the queue.
+func (a *Agent) expired(p *partition, ws []*waiter) {
+	for _, w := range ws {
+		a.refuseRequest(p, w.conn, "request_timeout_queued", wire.CodeTimeout,
+			fmt.Sprintf("request not received within %s", a.cfg.Timers.Request), "uid", w.uid)
 	}
 }
 
@@ -189,6 +232,37 @@ func failure(code wire.Code, by, msg string) *local.Response {
 	return &local.Response{Error: &local.Error{Code: code.String(), Message: msg, By: by}}
 }
 
+// addrPattern matches the network addresses that error texts carry: IPv4
+// (with or without a port) and bracketed IPv6 with a port.
+var addrPattern = regexp.MustCompile(`\[[0-9A-Za-z:.%]*\]:[0-9]+|\b[0-9]{1,3}(?:\.[0-9]{1,3}){3}(?::[0-9]+)?\b`)
+
+// withheld stands in an error to a process for an address taken out.
+const withheld = "(address withheld)"
+
+// withoutAddrs returns e with every network address and configured peer
+// address taken out of its message: a process learns which node failed,
+// never where that node is (the admin's sinc peers shows that). The dial
+// path words its own errors so; this also covers the error texts it passes
+// on from below (a link's write error names both ends).
+func (a *Agent) withoutAddrs(e *local.Error) *local.Error {
+	msg := addrPattern.ReplaceAllString(e.Message, withheld)
+	a.mu.Lock()
+	for _, pr := range a.peers {
+		msg = strings.ReplaceAll(msg, pr.addr, withheld)
+		if host, _, err := net.SplitHostPort(pr.addr); err == nil && host != "" {
+			msg = strings.ReplaceAll(msg, host, withheld)
+		}
+	}
+	a.mu.Unlock()
+	if msg == e.Message {
+		return e
+	}
+	a.log.Info("address withheld from an error to a process", "code", e.Code, "message", e.Message)
+	c := *e
+	c.Message = msg
+	return &c
+}
+
 func reply(c *net.UnixConn, r *local.Response) error {
 	b, _ := json.Marshal(r)
 	c.SetWriteDeadline(time.Now().Add(time.Second))
@@ -197,8 +271,10 @@ func reply(c *net.UnixConn, r *local.Response) error {
 	return err
 }
 
-// serveLocal reads one request from a process and serves it.
-func (a *Agent) serveLocal(p *partition, conn *net.UnixConn) {
+// serveLocal reads one request from a process and serves it. w holds a
+// slot of the partition's admission until its request is read.
+func (a *Agent) serveLocal(p *partition, w *waiter) {
+	conn := w.conn
 	keep := false // the connection lives on as a channel or a listener
 	defer func() {
 		if !keep {
@@ -206,11 +282,9 @@ func (a *Agent) serveLocal(p *partition, conn *net.UnixConn) {
 		}
 		a.untrackLocal(conn)
 	}()
-	// The token taken in acceptLocal is held until the request is read.
-	accepted := time.Now()
-	id, err := ident.FromConn(conn, accepted)
+	id, err := ident.FromConn(conn, w.accepted)
 	if err != nil {
-		<-p.pending
+		a.requestRead(p, w)
 		a.log.Warn("cannot identify a connecting process", "partition", p.name, "err", err)
 		reply(conn, failure(wire.CodeInternal, a.cfg.Node, "cannot identify the connecting process"))
 		return
@@ -218,9 +292,11 @@ func (a *Agent) serveLocal(p *partition, conn *net.UnixConn) {
 	proc := &procRef{a: a, part: p, pid: id.PID, uid: id.UID, gid: id.GID, key: id.Key()}
 	id.Close() // the numbers are what the tables need
 
-	conn.SetReadDeadline(accepted.Add(a.cfg.Timers.Request))
+	// The request is due timers.request after the connect, however long
+	// the connection waited for its turn.
+	conn.SetReadDeadline(w.accepted.Add(a.cfg.Timers.Request))
 	req, rd, lerr := readRequest(conn, a.cfg.Timers.Request)
-	<-p.pending
+	a.requestRead(p, w)
 	conn.SetReadDeadline(time.Time{})
 	if lerr != nil {
 		if lerr.Code != "" {
@@ -234,7 +310,7 @@ func (a *Agent) serveLocal(p *partition, conn *net.UnixConn) {
 	case local.OpOpen:
 		ch, lerr := a.dial(p, proc, conn, rd, req)
 		if lerr != nil {
-			reply(conn, &local.Response{Error: lerr})
+			reply(conn, &local.Response{Error: a.withoutAddrs(lerr)})
 			return
 		}
 		row := ch.row()
@@ -296,6 +372,16 @@ func (a *Agent) listen(p *partition, proc *procRef, conn *net.UnixConn, req *loc
 		reply(conn, failure(wire.CodeBadRequest, "", err.Error()))
 		return false
 	}
+	if ok, _ := a.policy.Load().MayListen(p.name, req.Service, proc.uid); !ok {
+		a.counters.refuse("listen_denied")
+		a.log.Warn("listen refused by the partition's listen rules", "partition", p.name, "service", req.Service,
+			"pid", proc.pid, "uid", proc.uid)
+		reply(conn, failure(wire.CodeDenied, a.cfg.Node, fmt.Sprintf(
+			"uid %d may not listen on %s/%s/%s: the listen rules of partition %s reserve that service for other uids",
+			proc.uid, a.cfg.Node, p.name, req.Service, p.name)))
+		return false
+	}
+	p.listener(req.Service) // drops a holder the rules in force no longer allow
 	l := &listener{part: p, service: req.Service, conn: conn, proc: proc}
 	p.mu.Lock()
 	switch {
@@ -336,6 +422,32 @@ func validService(s string) error {
 		return fmt.Errorf("service name %.70q is not valid", s)
 	}
 	return nil
+}
+
+// quietLog lets a repeated log line through at most once a second per
+// reason, and says how many it held back since the last one. Reasons are
+// constants, so its maps stay small.
+type quietLog struct {
+	mu   sync.Mutex
+	last map[string]time.Time
+	held map[string]int
+}
+
+// allow reports whether a line for reason may be logged now, and how many
+// were held back before it.
+func (q *quietLog) allow(reason string, now time.Time) (held int, ok bool) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.last == nil {
+		q.last, q.held = map[string]time.Time{}, map[string]int{}
+	}
+	if now.Sub(q.last[reason]) < time.Second {
+		q.held[reason]++
+		return 0, false
+	}
+	held = q.held[reason]
+	q.last[reason], q.held[reason] = now, 0
+	return held, true
 }
 
 func sortRows(rows []local.Conn) {

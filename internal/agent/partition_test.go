@@ -128,6 +128,7 @@ func TestLimits(t *testing.T) {
 		cfg.Limits.ChannelsPerProcess = 3
 		cfg.Limits.ListenersPerPartition = 2
 		cfg.Limits.PendingRequests = 2
+		cfg.Limits.QueuedRequests = 1
 	})
 	p := &pair{c: c, a: a}
 	echo(t, p.listen(t, "node-a", "batch", "echo"))
@@ -168,9 +169,10 @@ func TestLimits(t *testing.T) {
 	}
 
 	// Requests in progress: two silent connections fill the partition's
-	// table; the third gets "busy" at once.
+	// slots, a third its queue; the fourth gets "busy" at once (the bounds
+	// per uid: TestAdmissionBounds).
 	var silent []net.Conn
-	for range 2 {
+	for range 3 {
 		s, err := net.Dial("unix", p.sock("node-a", "web"))
 		if err != nil {
 			t.Fatal(err)
@@ -181,9 +183,9 @@ func TestLimits(t *testing.T) {
 	time.Sleep(50 * time.Millisecond)
 	r, _ := rawRequest(t, p.sock("node-a", "web"), []byte(`{"v":2,"op":"conns"}`+"\n"), time.Second)
 	if r == nil || r.Error == nil || r.Error.Code != "busy" {
-		t.Fatalf("third request while two are pending: %+v", r)
+		t.Fatalf("fourth request while two are pending and one waits: %+v", r)
 	}
-	a.log.waitFor(t, time.Second, "too many requests in progress", "partition=web")
+	a.log.waitFor(t, time.Second, "partition request refused", "partition=web", "reason=request_queue_full")
 	for _, s := range silent {
 		s.Close()
 	}

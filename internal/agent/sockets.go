@@ -9,6 +9,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // socketPerm is who may connect to a socket the agent makes.
@@ -83,3 +85,24 @@ func listenUnix(path string, perm socketPerm) (*net.UnixListener, error) {
 
 // umaskMu serializes listenUnix's change of the process's umask.
 var umaskMu sync.Mutex
+
+// peerUID returns the uid of the process at the other end of c, as the
+// kernel recorded it at connect (SO_PEERCRED): one getsockopt, nothing read
+// from the process, so it is cheap enough to run before anything else.
+func peerUID(c *net.UnixConn) (uint32, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return 0, fmt.Errorf("peer credentials: %w", err)
+	}
+	var cred *unix.Ucred
+	var cerr error
+	if err := rc.Control(func(fd uintptr) {
+		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return 0, fmt.Errorf("peer credentials: %w", err)
+	}
+	if cerr != nil {
+		return 0, fmt.Errorf("peer credentials: getsockopt SO_PEERCRED: %w", cerr)
+	}
+	return cred.Uid, nil
+}

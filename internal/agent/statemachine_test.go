@@ -300,19 +300,12 @@ func checkInvariants(t *testing.T, e *hostileEnv, run int) {
 		eventually(t, 5*time.Second, fmt.Sprintf("run %d: %s gave back its memory budget", run, a.node.Name), func() bool {
 			return peerBudgetsFree(a)
 		})
-		for name, p := range a.partitions {
-			p.mu.Lock()
-			n := p.channels
-			p.mu.Unlock()
-			if n != 0 {
-				t.Fatalf("run %d: %s partition %s counts %d channels, want 0", run, a.node.Name, name, n)
-			}
-		}
-		a.procMu.Lock()
-		procs := len(a.procs)
-		a.procMu.Unlock()
-		if procs != 0 {
-			t.Fatalf("run %d: %s counts channels of %d processes, want 0", run, a.node.Name, procs)
+		q := a.quotas
+		q.mu.Lock()
+		counted := len(q.procs) + len(q.dialed) + len(q.accepted) + len(q.byNode) + q.inbound
+		q.mu.Unlock()
+		if counted != 0 {
+			t.Fatalf("run %d: %s still counts channels against its limits (%+v)", run, a.node.Name, q)
 		}
 	}
 }

@@ -29,10 +29,16 @@
 //	pending_handshakes = 256
 //	pending_handshakes_per_source = 8  # from one IPv4 address or IPv6 /64
 //	channels = 16384                 # per agent
-//	channels_per_partition = 8192
+//	accepted = 12288                 # of them accepted ones; default 3/4 of channels
+//	channels_per_partition = 8192    # dialed by its processes
+//	accepted_per_partition = 8192    # accepted for it (not counting its own channels)
+//	accepted_per_node = 4096         # accepted from one node
 //	channels_per_process = 1024
 //	listeners_per_partition = 256
-//	pending_requests = 64            # per partition socket
+//	pending_requests = 64            # requests being read, per partition socket
+//	pending_requests_per_uid = 16    # of them from one uid; default 1/4 of pending_requests
+//	queued_requests = 4096           # connections waiting their turn, per partition socket
+//	queued_requests_per_uid = 1024   # of them from one uid; default 1/4 of queued_requests
 //	window = 524288                  # bytes in flight per channel direction
 //
 //	[partitions.web]
@@ -40,6 +46,10 @@
 //	mode = "0660"                    # default "0600"
 //	owner = "web"                    # user name or uid; default: the agent's
 //	group = "web"                    # group name or gid; default: the agent's
+//
+//	[[partitions.web.listen]]        # optional: who may listen on which service
+//	service = "pg"                   # pattern; see package policy
+//	uids = [1001]
 //
 //	[peers.node-b]
 //	address = "127.0.0.1:7702"
@@ -116,10 +126,16 @@ type Timers struct {
 type Limits struct {
 	PendingHandshakes     int
 	Channels              int
-	ChannelsPerPartition  int
+	Accepted              int // of Channels, the ones peers (and other partitions) opened
+	ChannelsPerPartition  int // dialed by its processes
+	AcceptedPerPartition  int // accepted for it from other partitions
+	AcceptedPerNode       int // accepted from one node
 	ChannelsPerProcess    int
 	ListenersPerPartition int
-	PendingRequests       int
+	PendingRequests       int // requests being read, per partition socket
+	PendingRequestsPerUID int
+	QueuedRequests        int // connections waiting to be read, per partition socket
+	QueuedRequestsPerUID  int
 	Window                int
 	RekeyFrames           int // frames a link carries before a fresh handshake
 	RotateFrames          int // frames under one channel key before a new one
@@ -161,10 +177,16 @@ var (
 	DefaultLimits = Limits{
 		PendingHandshakes:     256,
 		Channels:              16384,
+		Accepted:              12288,
 		ChannelsPerPartition:  8192,
+		AcceptedPerPartition:  8192,
+		AcceptedPerNode:       4096,
 		ChannelsPerProcess:    1024,
 		ListenersPerPartition: 256,
 		PendingRequests:       64,
+		PendingRequestsPerUID: 16,
+		QueuedRequests:        4096,
+		QueuedRequestsPerUID:  1024,
 		Window:                512 << 10,
 		RekeyFrames:           1 << 30,
 		RotateFrames:          1 << 24,
@@ -200,10 +222,16 @@ type file struct {
 	Limits struct {
 		PendingHandshakes     *int `toml:"pending_handshakes"`
 		Channels              *int `toml:"channels"`
+		Accepted              *int `toml:"accepted"`
 		ChannelsPerPartition  *int `toml:"channels_per_partition"`
+		AcceptedPerPartition  *int `toml:"accepted_per_partition"`
+		AcceptedPerNode       *int `toml:"accepted_per_node"`
 		ChannelsPerProcess    *int `toml:"channels_per_process"`
 		ListenersPerPartition *int `toml:"listeners_per_partition"`
 		PendingRequests       *int `toml:"pending_requests"`
+		PendingRequestsPerUID *int `toml:"pending_requests_per_uid"`
+		QueuedRequests        *int `toml:"queued_requests"`
+		QueuedRequestsPerUID  *int `toml:"queued_requests_per_uid"`
 		Window                *int `toml:"window"`
 		RekeyFrames           *int `toml:"rekey_frames"`
 		RotateFrames          *int `toml:"rotate_frames"`
@@ -217,6 +245,10 @@ type file struct {
 		Mode   string `toml:"mode"`
 		Owner  string `toml:"owner"`
 		Group  string `toml:"group"`
+		Listen []struct {
+			Service string   `toml:"service"`
+			UIDs    []uint32 `toml:"uids"`
+		} `toml:"listen"`
 	} `toml:"partitions"`
 	// Each rule is decoded on its own, to name it by its index in errors.
 	Allow []toml.Primitive `toml:"allow"`
@@ -410,10 +442,16 @@ func Parse(path string, data []byte) (*Config, error) {
 		{"limits.pending_handshakes", f.Limits.PendingHandshakes, &c.Limits.PendingHandshakes, 1, 65536},
 		{"limits.pending_handshakes_per_source", f.Limits.PendingHandshakesPerSource, &c.Limits.PendingHandshakesPerSource, 1, 65536},
 		{"limits.channels", f.Limits.Channels, &c.Limits.Channels, 1, 1 << 20},
+		{"limits.accepted", f.Limits.Accepted, &c.Limits.Accepted, 1, 1 << 20},
 		{"limits.channels_per_partition", f.Limits.ChannelsPerPartition, &c.Limits.ChannelsPerPartition, 1, 1 << 20},
+		{"limits.accepted_per_partition", f.Limits.AcceptedPerPartition, &c.Limits.AcceptedPerPartition, 1, 1 << 20},
+		{"limits.accepted_per_node", f.Limits.AcceptedPerNode, &c.Limits.AcceptedPerNode, 1, 1 << 20},
 		{"limits.channels_per_process", f.Limits.ChannelsPerProcess, &c.Limits.ChannelsPerProcess, 1, 1 << 20},
 		{"limits.listeners_per_partition", f.Limits.ListenersPerPartition, &c.Limits.ListenersPerPartition, 1, 65536},
 		{"limits.pending_requests", f.Limits.PendingRequests, &c.Limits.PendingRequests, 1, 65536},
+		{"limits.pending_requests_per_uid", f.Limits.PendingRequestsPerUID, &c.Limits.PendingRequestsPerUID, 1, 65536},
+		{"limits.queued_requests", f.Limits.QueuedRequests, &c.Limits.QueuedRequests, 1, 1 << 20},
+		{"limits.queued_requests_per_uid", f.Limits.QueuedRequestsPerUID, &c.Limits.QueuedRequestsPerUID, 1, 1 << 20},
 		{"limits.window", f.Limits.Window, &c.Limits.Window, MinWindow, MaxWindow},
 		{"limits.rekey_frames", f.Limits.RekeyFrames, &c.Limits.RekeyFrames, 16, 1 << 40},
 		{"limits.rotate_frames", f.Limits.RotateFrames, &c.Limits.RotateFrames, 4, 1 << 40},
@@ -428,11 +466,15 @@ func Parse(path string, data []byte) (*Config, error) {
 		}
 		*l.dst = *l.val
 	}
+	if err := shares(&c.Limits, f.Limits.Accepted, f.Limits.PendingRequestsPerUID, f.Limits.QueuedRequestsPerUID); err != nil {
+		return nil, &Error{File: path, Field: err.field, Err: err.err}
+	}
 
 	if len(f.Partitions) == 0 {
 		return nil, fail("partitions", errors.New("missing: at least one [partitions.NAME] with a socket"))
 	}
 	sockets := map[string]string{c.Admin: "admin"}
+	var listen []policy.ListenRule
 	for _, name := range sortedKeys(f.Partitions) {
 		field := "partitions." + name
 		if err := cert.ValidName(name); err != nil {
@@ -466,6 +508,14 @@ func Parse(path string, data []byte) (*Config, error) {
 			}
 		}
 		c.Partitions[name] = part
+		for i, r := range p.Listen {
+			lr := policy.ListenRule{Partition: name, Service: r.Service, UIDs: r.UIDs}
+			if _, err := (*policy.Policy)(nil).WithListenRules([]policy.ListenRule{lr}); err != nil {
+				_, msg, _ := strings.Cut(err.Error(), ": ") // drop "listen rule 1"
+				return nil, fail(fmt.Sprintf("%s.listen[%d]", field, i), errors.New(msg))
+			}
+			listen = append(listen, lr)
+		}
 	}
 	for _, name := range sortedKeys(f.Peers) {
 		field := "peers." + name
@@ -503,7 +553,46 @@ func Parse(path string, data []byte) (*Config, error) {
 	if c.Policy, err = policy.New(rules); err != nil {
 		return nil, fail("allow", err)
 	}
+	if c.Policy, err = c.Policy.WithListenRules(listen); err != nil {
+		return nil, fail("partitions", err)
+	}
 	return c, nil
+}
+
+// shareError is a limit that is a share of another and exceeds it.
+type shareError struct {
+	field string
+	err   error
+}
+
+// shares settles the limits that are a share of another: one not given is
+// its default share of the whole (so a smaller whole keeps a reserve), one
+// given may not exceed its whole.
+func shares(l *Limits, accepted, pendingPerUID, queuedPerUID *int) *shareError {
+	for _, s := range []struct {
+		field, whole string
+		given        *int
+		part         *int
+		of           int
+		num, den     int
+		why          string
+	}{
+		{"limits.accepted", "limits.channels", accepted, &l.Accepted, l.Channels, 3, 4,
+			"accepted channels are a share of the channel table, the rest is kept for the channels this agent's processes dial"},
+		{"limits.pending_requests_per_uid", "limits.pending_requests", pendingPerUID, &l.PendingRequestsPerUID, l.PendingRequests, 1, 4,
+			"it is one uid's share of them"},
+		{"limits.queued_requests_per_uid", "limits.queued_requests", queuedPerUID, &l.QueuedRequestsPerUID, l.QueuedRequests, 1, 4,
+			"it is one uid's share of them"},
+	} {
+		if s.given == nil {
+			*s.part = max(1, s.of*s.num/s.den)
+			continue
+		}
+		if *s.given > s.of {
+			return &shareError{s.field, fmt.Errorf("%d is more than %s (%d): %s", *s.given, s.whole, s.of, s.why)}
+		}
+	}
+	return nil
 }
 
 // Bounds of limits.window: a window holds at least one largest frame (a

@@ -102,9 +102,10 @@ func TestParseGood(t *testing.T) {
 	if c.Timers != wantTimers {
 		t.Errorf("Timers = %+v, want %+v", c.Timers, wantTimers)
 	}
-	wantLimits := config.Limits{PendingHandshakes: 16, PendingHandshakesPerSource: 8, Channels: 100, ChannelsPerPartition: 50, ChannelsPerProcess: 10,
-		ListenersPerPartition: 8, PendingRequests: 4, Window: 128 << 10,
-		RekeyFrames: 1 << 30, RotateFrames: 1 << 24, RotateBytes: 1 << 34, Memory: 256 << 20}
+	wantLimits := config.Limits{PendingHandshakes: 16, PendingHandshakesPerSource: 8, Channels: 100, Accepted: 75, ChannelsPerPartition: 50,
+		AcceptedPerPartition: 8192, AcceptedPerNode: 4096, ChannelsPerProcess: 10,
+		ListenersPerPartition: 8, PendingRequests: 4, PendingRequestsPerUID: 1, QueuedRequests: 4096, QueuedRequestsPerUID: 1024,
+		Window: 128 << 10, RekeyFrames: 1 << 30, RotateFrames: 1 << 24, RotateBytes: 1 << 34, Memory: 256 << 20}
 	if c.Limits != wantLimits {
 		t.Errorf("Limits = %+v, want %+v", c.Limits, wantLimits)
 	}
@@ -181,9 +182,10 @@ func TestParseDefaults(t *testing.T) {
 	// The defaults are what the package documents.
 	want := config.Timers{Handshake: 5 * time.Second, Keepalive: 5 * time.Second, DeadAfter: 15 * time.Second,
 		DialMin: 200 * time.Millisecond, DialMax: 30 * time.Second, Open: 5 * time.Second, Request: 5 * time.Second, Grace: 30 * time.Second, Rekey: 2 * time.Minute, Rotate: 10 * time.Minute}
-	wantLimits := config.Limits{PendingHandshakes: 256, PendingHandshakesPerSource: 8, Channels: 16384, ChannelsPerPartition: 8192, ChannelsPerProcess: 1024,
-		ListenersPerPartition: 256, PendingRequests: 64, Window: 524288,
-		RekeyFrames: 1 << 30, RotateFrames: 1 << 24, RotateBytes: 1 << 34, Memory: 256 << 20}
+	wantLimits := config.Limits{PendingHandshakes: 256, PendingHandshakesPerSource: 8, Channels: 16384, Accepted: 12288, ChannelsPerPartition: 8192,
+		AcceptedPerPartition: 8192, AcceptedPerNode: 4096, ChannelsPerProcess: 1024,
+		ListenersPerPartition: 256, PendingRequests: 64, PendingRequestsPerUID: 16, QueuedRequests: 4096, QueuedRequestsPerUID: 1024,
+		Window: 524288, RekeyFrames: 1 << 30, RotateFrames: 1 << 24, RotateBytes: 1 << 34, Memory: 256 << 20}
 	if config.DefaultTimers != want || config.DefaultLimits != wantLimits {
 		t.Errorf("defaults changed: %+v %+v", config.DefaultTimers, config.DefaultLimits)
 	}
@@ -241,22 +243,32 @@ func TestTimersOverride(t *testing.T) {
 
 // TestLimits: each limit takes its bounds and any value between them, and
 // refuses one past either bound, naming itself; the others keep their
-// defaults.
+// defaults, but for the shares of it that were not given (see TestShares).
 func TestLimits(t *testing.T) {
 	for _, l := range []struct {
 		key      string
 		min, max int
 		get      func(*config.Limits) *int
+		share    func(*config.Limits) // the shares of it that follow it
 	}{
-		{"pending_handshakes", 1, 65536, func(l *config.Limits) *int { return &l.PendingHandshakes }},
-		{"pending_handshakes_per_source", 1, 65536, func(l *config.Limits) *int { return &l.PendingHandshakesPerSource }},
-		{"channels", 1, 1 << 20, func(l *config.Limits) *int { return &l.Channels }},
-		{"channels_per_partition", 1, 1 << 20, func(l *config.Limits) *int { return &l.ChannelsPerPartition }},
-		{"channels_per_process", 1, 1 << 20, func(l *config.Limits) *int { return &l.ChannelsPerProcess }},
-		{"listeners_per_partition", 1, 65536, func(l *config.Limits) *int { return &l.ListenersPerPartition }},
-		{"pending_requests", 1, 65536, func(l *config.Limits) *int { return &l.PendingRequests }},
-		{"window", 65536 + 64, 64 << 20, func(l *config.Limits) *int { return &l.Window }},
-		{"memory", 4 << 20, 1 << 40, func(l *config.Limits) *int { return &l.Memory }},
+		{"pending_handshakes", 1, 65536, func(l *config.Limits) *int { return &l.PendingHandshakes }, nil},
+		{"pending_handshakes_per_source", 1, 65536, func(l *config.Limits) *int { return &l.PendingHandshakesPerSource }, nil},
+		{"channels", 1, 1 << 20, func(l *config.Limits) *int { return &l.Channels },
+			func(l *config.Limits) { l.Accepted = max(1, l.Channels*3/4) }},
+		{"accepted", 1, 16384, func(l *config.Limits) *int { return &l.Accepted }, nil}, // at most channels
+		{"channels_per_partition", 1, 1 << 20, func(l *config.Limits) *int { return &l.ChannelsPerPartition }, nil},
+		{"accepted_per_partition", 1, 1 << 20, func(l *config.Limits) *int { return &l.AcceptedPerPartition }, nil},
+		{"accepted_per_node", 1, 1 << 20, func(l *config.Limits) *int { return &l.AcceptedPerNode }, nil},
+		{"channels_per_process", 1, 1 << 20, func(l *config.Limits) *int { return &l.ChannelsPerProcess }, nil},
+		{"listeners_per_partition", 1, 65536, func(l *config.Limits) *int { return &l.ListenersPerPartition }, nil},
+		{"pending_requests", 1, 65536, func(l *config.Limits) *int { return &l.PendingRequests },
+			func(l *config.Limits) { l.PendingRequestsPerUID = max(1, l.PendingRequests/4) }},
+		{"pending_requests_per_uid", 1, 64, func(l *config.Limits) *int { return &l.PendingRequestsPerUID }, nil},
+		{"queued_requests", 1, 1 << 20, func(l *config.Limits) *int { return &l.QueuedRequests },
+			func(l *config.Limits) { l.QueuedRequestsPerUID = max(1, l.QueuedRequests/4) }},
+		{"queued_requests_per_uid", 1, 4096, func(l *config.Limits) *int { return &l.QueuedRequestsPerUID }, nil},
+		{"window", 65536 + 64, 64 << 20, func(l *config.Limits) *int { return &l.Window }, nil},
+		{"memory", 4 << 20, 1 << 40, func(l *config.Limits) *int { return &l.Memory }, nil},
 	} {
 		for _, v := range []int{l.min, l.min + 1, (l.min + l.max) / 2, l.max} {
 			line := l.key + " = " + strconv.Itoa(v)
@@ -267,6 +279,9 @@ func TestLimits(t *testing.T) {
 			}
 			want := config.DefaultLimits
 			*l.get(&want) = v
+			if l.share != nil {
+				l.share(&want)
+			}
 			if c.Limits != want {
 				t.Errorf("%s: Limits = %+v, want %+v", line, c.Limits, want)
 			}
@@ -283,7 +298,11 @@ func TestLimits(t *testing.T) {
 				t.Errorf("%s: got %v, want an error for %s", line, err, field)
 				continue
 			}
-			if want := fmt.Sprintf("%d is outside %d..%d", v, l.min, l.max); !strings.Contains(err.Error(), want) {
+			want := fmt.Sprintf("%d is outside ", v)
+			if l.max < 65536 { // a share: past its whole
+				want = fmt.Sprintf("%d is ", v)
+			}
+			if !strings.Contains(err.Error(), want) {
 				t.Errorf("%s: error %q does not say %q", line, err, want)
 			}
 		}
@@ -291,9 +310,10 @@ func TestLimits(t *testing.T) {
 	// All of them at once.
 	c, err := config.Parse("/etc/a.toml", []byte(withLimits("pending_handshakes = 1\nchannels = 2\nchannels_per_partition = 3\n"+
 		"channels_per_process = 4\nlisteners_per_partition = 5\npending_requests = 6\nwindow = 65600\nmemory = 8388608")))
-	want := config.Limits{PendingHandshakes: 1, PendingHandshakesPerSource: 8, Channels: 2, ChannelsPerPartition: 3, ChannelsPerProcess: 4,
-		ListenersPerPartition: 5, PendingRequests: 6, Window: 65600,
-		RekeyFrames: 1 << 30, RotateFrames: 1 << 24, RotateBytes: 1 << 34, Memory: 8 << 20}
+	want := config.Limits{PendingHandshakes: 1, PendingHandshakesPerSource: 8, Channels: 2, Accepted: 1, ChannelsPerPartition: 3,
+		AcceptedPerPartition: 8192, AcceptedPerNode: 4096, ChannelsPerProcess: 4,
+		ListenersPerPartition: 5, PendingRequests: 6, PendingRequestsPerUID: 1, QueuedRequests: 4096, QueuedRequestsPerUID: 1024,
+		Window: 65600, RekeyFrames: 1 << 30, RotateFrames: 1 << 24, RotateBytes: 1 << 34, Memory: 8 << 20}
 	if err != nil || c.Limits != want {
 		t.Fatalf("got %+v, %v; want %+v", c, err, want)
 	}

@@ -13,6 +13,9 @@
 //
 // Each segment is a pattern in the syntax of path.Match ("*", "?",
 // "[a-z]"); "*" alone matches any name.
+//
+// A policy also holds the listen rules of the node's partitions: who may
+// listen on which service name (see listen.go).
 package policy
 
 import (
@@ -44,7 +47,8 @@ type Dest struct {
 // Policy is a checked list of rules. The zero Policy allows only channels
 // within a partition.
 type Policy struct {
-	rules []Rule
+	rules  []Rule
+	listen []ListenRule
 }
 
 // New checks rules and returns a Policy.
