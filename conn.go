@@ -1,35 +1,99 @@
 package sinc
 
 import (
-	"encoding/json"
-	"errors"
-	"io"
 	"net"
 	"sync"
-	"syscall"
+	"sync/atomic"
 	"time"
 
 	"sinc.dev/sinc/internal/local"
 )
 
-// Conn is one end of a channel. It is a net.Conn; Read and Write may be
-// called from different goroutines at once.
+// A Conn is one end of a channel: a Unix socket to the agent that carries
+// records both ways (docs/protocol.md §3):
+//
+//	+--------+------------------------+-----------------+
+//	| type 8 | length 24 (big endian) | payload         |
+//	+--------+------------------------+-----------------+
+//
+// It keeps the net.Conn contract over that framing, across deadlines and
+// Close, without ever misframing the records:
+//
+// Reading (read.go, under rmu). The record being read is the Conn's state,
+// not a call's: the header bytes read so far, how much of the current
+// record's payload is read, a message or close record assembled so far,
+// and the bytes of a dropped message still to skip. A read deadline may
+// stop a read anywhere in a record; the next Read goes on from there. A
+// message read straight into the caller's buffer that a deadline cuts
+// short is copied into the Conn (the read path's one allocation besides
+// ReadMessage's message and a close record's reason).
+//
+// Writing (write.go, under wmu). A record goes out in one writev. If a
+// write deadline passes when part of a record is in the socket, the record
+// is committed: its unsent tail (at most a header and MaxRecord bytes) is
+// kept in the Conn, Write counts the record in n, and the next Write,
+// CloseWrite or Close sends the tail before anything else. So the agent
+// only ever sees whole records, Write's n is exactly what the peer gets
+// (while the channel lives), and a message goes whole or not at all: n is
+// 0 or len(p). Write reports the deadline even when n == len(p) (the error
+// says that a record was begun): a caller that stops writing after it must
+// Close, which sends the tail. Write(nil) on a stream only sends the tail.
+//
+// Closing (Close, below). Close marks the Conn closing and moves both
+// socket deadlines into the past, so that a Read or Write blocked in the
+// socket wakes and returns net.ErrClosed at once; then it takes the write
+// lock. If no Write was in progress, it sends the committed tail and a fin
+// record, waiting at most closeFlushWait for room (the peer may be slow);
+// if it had to interrupt a Write (the peer is likely not reading), it
+// tries once without waiting. Then it closes the socket. A socket that
+// closes in the middle of a record or without a fin ends the channel as
+// broken or reset at the other end, never as a clean end of stream.
+//
+// Errors are described in errors.go: a deadline is not sticky; any other
+// failure ends its direction, and each later call returns it again.
+//
+// Locks: dmu (deadlines, closing) → wmu (write side); rmu (read side) is
+// taken alone. Close takes dmu then wmu; Read and Write never take dmu.
 type Conn struct {
 	c      *net.UnixConn
 	kind   Kind
 	info   Connection
 	remote Addr
 
-	rmu    sync.Mutex
-	br     *recvBuffer
-	remain int   // bytes left of the data record being read (stream)
-	rerr   error // sticky: the read side's end
+	closing atomic.Bool
+	reason  atomic.Pointer[Error] // why the channel ended, once a Read learned it
+	dmu     sync.Mutex            // orders deadline changes against Close
 
-	wmu    sync.Mutex
-	hdr    [local.RecordHeaderLen]byte
-	wdone  bool // FIN sent
-	closed bool
+	// read side, guarded by rmu
+	rmu  sync.Mutex
+	br   *recvBuffer
+	rh   [local.RecordHeaderLen]byte // header of the next record, rhn bytes of it read
+	rhn  int
+	rec  bool   // a record's header is read, its payload not all
+	rtyp byte   // that record's type,
+	rlen int    // payload length,
+	rgot int    // and how much of the payload is read
+	body []byte // a message or close record assembled across calls, or nil
+	skip int    // bytes of a dropped message still to skip
+	rerr error  // sticky: the read side's end
+
+	// write side, guarded by wmu
+	wmu   sync.Mutex
+	hdr   [local.RecordHeaderLen]byte
+	vec   [2][]byte   // header and payload of the record being written
+	bufs  net.Buffers // over vec, for writev
+	tail  []byte      // the unsent rest of a committed record
+	wdone bool        // a fin record is committed
+	werr  error       // sticky: the write side's end
+	wpipe bool        // werr is the socket closing, its reason not yet known
 }
+
+// closeFlushWait bounds how long Close waits for room for the committed
+// tail and the fin record.
+const closeFlushWait = time.Second
+
+// aLongTimeAgo is a deadline that has passed.
+var aLongTimeAgo = time.Unix(1, 0)
 
 func newConn(c *net.UnixConn, kind Kind, info *local.Conn, remote Addr) (*Conn, error) {
 	br, err := newRecvBuffer(c)
@@ -50,216 +114,32 @@ func (c *Conn) Info() Connection { return c.info }
 // Kind returns the channel's kind.
 func (c *Conn) Kind() Kind { return c.kind }
 
-// nextRecord reads a record header and handles FIN and close records. It
-// returns the length of a data record.
-func (c *Conn) nextRecord() (int, error) {
-	var h [local.RecordHeaderLen]byte
-	if _, err := io.ReadFull(c.br, h[:]); err != nil {
-		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
-			return 0, &Error{Code: ErrAgentGone.Code, Message: "the agent closed the channel without a word"}
-		}
-		return 0, err
+// Close closes the channel: what was written (and committed) is still
+// delivered, then the other side reads io.EOF; see the top of this file
+// for when it cannot be. Reads and Writes in progress return an error
+// matching net.ErrClosed.
+func (c *Conn) Close() error {
+	c.dmu.Lock()
+	if c.closing.Load() {
+		c.dmu.Unlock()
+		return c.opErr("close", net.ErrClosed)
 	}
-	typ, n, err := local.ParseRecordHeader(h[:])
-	if err != nil {
-		return 0, &Error{Code: ErrProtocol.Code, Message: "bad record from the agent: " + err.Error()}
+	c.closing.Store(true)
+	c.c.SetReadDeadline(aLongTimeAgo)
+	interrupted := !c.wmu.TryLock()
+	if interrupted {
+		c.c.SetWriteDeadline(aLongTimeAgo)
+		c.wmu.Lock()
 	}
-	switch typ {
-	case local.RecFin:
-		return 0, io.EOF
-	case local.RecClose:
-		b := make([]byte, n)
-		if _, err := io.ReadFull(c.br, b); err != nil {
-			return 0, &Error{Code: ErrAgentGone.Code, Message: "the agent closed the channel mid-record"}
-		}
-		var le local.Error
-		if json.Unmarshal(b, &le) != nil {
-			return 0, &Error{Code: ErrProtocol.Code, Message: "bad close record from the agent"}
-		}
-		return 0, fromLocal(&le)
-	}
-	return n, nil
-}
-
-// Read reads channel bytes (stream) or one message (message: if p is too
-// short for it the message is dropped and the error is ErrMessageTooLong).
-// After the other side's CloseWrite it returns io.EOF; after the channel
-// broke, an *OpError wrapping the reason.
-func (c *Conn) Read(p []byte) (int, error) {
-	c.rmu.Lock()
-	defer c.rmu.Unlock()
-	if c.kind == Message {
-		return c.readMessage(p)
-	}
-	for c.remain == 0 {
-		if c.rerr != nil {
-			return 0, c.rerr
-		}
-		n, err := c.nextRecord()
-		if err != nil {
-			if ne, ok := err.(net.Error); ok && ne.Timeout() {
-				return 0, c.opErr("read", err) // a deadline: not the end
-			}
-			c.rerr = c.wrapEnd("read", err)
-			return 0, c.rerr
-		}
-		c.remain = n
-	}
-	if len(p) > c.remain {
-		p = p[:c.remain]
-	}
-	n, err := c.br.Read(p)
-	c.remain -= n
-	if err != nil {
-		if ne, ok := err.(net.Error); ok && ne.Timeout() {
-			return n, c.opErr("read", err)
-		}
-		c.rerr = c.wrapEnd("read", &Error{Code: ErrAgentGone.Code, Message: "the agent closed the channel mid-record"})
-		return n, c.rerr
-	}
-	return n, nil
-}
-
-func (c *Conn) readMessage(p []byte) (int, error) {
-	if c.rerr != nil {
-		return 0, c.rerr
-	}
-	n, err := c.nextRecord()
-	if err != nil {
-		if ne, ok := err.(net.Error); ok && ne.Timeout() {
-			return 0, c.opErr("read", err)
-		}
-		c.rerr = c.wrapEnd("read", err)
-		return 0, c.rerr
-	}
-	if n > len(p) {
-		if err := c.br.Discard(n); err != nil {
-			c.rerr = c.opErr("read", err)
-			return 0, c.rerr
-		}
-		return 0, c.opErr("read", &Error{Code: ErrMessageTooLong.Code, Message: "message longer than the read buffer; dropped"})
-	}
-	if _, err := io.ReadFull(c.br, p[:n]); err != nil {
-		c.rerr = c.opErr("read", err)
-		return 0, c.rerr
-	}
-	return n, nil
-}
-
-// ReadMessage reads one message of a message channel.
-func (c *Conn) ReadMessage() ([]byte, error) {
-	c.rmu.Lock()
-	defer c.rmu.Unlock()
-	if c.kind != Message {
-		return nil, c.opErr("read", errors.New("ReadMessage on a stream channel"))
-	}
-	if c.rerr != nil {
-		return nil, c.rerr
-	}
-	n, err := c.nextRecord()
-	if err != nil {
-		if ne, ok := err.(net.Error); ok && ne.Timeout() {
-			return nil, c.opErr("read", err)
-		}
-		c.rerr = c.wrapEnd("read", err)
-		return nil, c.rerr
-	}
-	m := make([]byte, n)
-	if _, err := io.ReadFull(c.br, m); err != nil {
-		c.rerr = c.opErr("read", err)
-		return nil, c.rerr
-	}
-	return m, nil
+	c.dmu.Unlock()
+	c.finish(interrupted)
+	c.wmu.Unlock()
+	c.c.Close()
+	return nil
 }
 
 func (c *Conn) opErr(op string, err error) error {
 	return &OpError{Op: op, Addr: c.remote.String(), Err: err}
-}
-
-// wrapEnd leaves io.EOF bare, as io.Reader promises.
-func (c *Conn) wrapEnd(op string, err error) error {
-	if err == io.EOF {
-		return io.EOF
-	}
-	return c.opErr(op, err)
-}
-
-// Write writes bytes (stream) or one message (message; at most MaxMessage
-// bytes).
-func (c *Conn) Write(p []byte) (int, error) {
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	if c.wdone || c.closed {
-		return 0, c.opErr("write", net.ErrClosed)
-	}
-	if c.kind == Message {
-		if len(p) > MaxMessage {
-			return 0, c.opErr("write", &Error{Code: ErrMessageTooLong.Code, Message: "message longer than MaxMessage"})
-		}
-		if err := c.writeRecord(local.RecData, p); err != nil {
-			return 0, err
-		}
-		return len(p), nil
-	}
-	n := 0
-	for n < len(p) {
-		chunk := p[n:min(len(p), n+local.MaxRecord)]
-		if err := c.writeRecord(local.RecData, chunk); err != nil {
-			return n, err
-		}
-		n += len(chunk)
-	}
-	return n, nil
-}
-
-// WriteMessage writes one message of a message channel.
-func (c *Conn) WriteMessage(m []byte) error {
-	_, err := c.Write(m)
-	return err
-}
-
-func (c *Conn) writeRecord(typ byte, p []byte) error {
-	local.PutRecordHeader(c.hdr[:], typ, len(p))
-	bufs := net.Buffers{c.hdr[:], p}
-	want := int64(len(p) + local.RecordHeaderLen)
-	n, err := bufs.WriteTo(c.c)
-	if err == nil && n != want {
-		err = io.ErrShortWrite
-	}
-	if errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET) {
-		// The agent ended the channel; Read returns its reason.
-		err = &Error{Code: ErrReset.Code, Message: "the channel was closed by the agent (read for the reason)"}
-	}
-	if err != nil {
-		return c.opErr("write", err)
-	}
-	return nil
-}
-
-// CloseWrite ends this side's direction; the other side reads io.EOF once
-// it has read everything before it. Reading goes on.
-func (c *Conn) CloseWrite() error {
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	if c.wdone || c.closed {
-		return nil
-	}
-	c.wdone = true
-	return c.writeRecord(local.RecFin, nil)
-}
-
-// Close closes the channel: what was written is still delivered, then the
-// other side reads io.EOF.
-func (c *Conn) Close() error {
-	c.wmu.Lock()
-	if !c.wdone && !c.closed {
-		c.wdone = true
-		c.c.SetWriteDeadline(time.Now().Add(time.Second))
-		c.writeRecord(local.RecFin, nil)
-	}
-	c.closed = true
-	c.wmu.Unlock()
-	return c.c.Close()
 }
 
 func (c *Conn) LocalAddr() net.Addr {
@@ -269,9 +149,24 @@ func (c *Conn) LocalAddr() net.Addr {
 	return Addr(c.info.Partition)
 }
 
-func (c *Conn) RemoteAddr() net.Addr               { return c.remote }
-func (c *Conn) SetDeadline(t time.Time) error      { return c.c.SetDeadline(t) }
-func (c *Conn) SetReadDeadline(t time.Time) error  { return c.c.SetReadDeadline(t) }
-func (c *Conn) SetWriteDeadline(t time.Time) error { return c.c.SetWriteDeadline(t) }
+func (c *Conn) RemoteAddr() net.Addr { return c.remote }
+
+// SetDeadline sets the read and write deadlines. A deadline that passes
+// leaves the channel consistent (see the top of this file).
+func (c *Conn) SetDeadline(t time.Time) error      { return c.setDeadline(t, c.c.SetDeadline) }
+func (c *Conn) SetReadDeadline(t time.Time) error  { return c.setDeadline(t, c.c.SetReadDeadline) }
+func (c *Conn) SetWriteDeadline(t time.Time) error { return c.setDeadline(t, c.c.SetWriteDeadline) }
+
+func (c *Conn) setDeadline(t time.Time, set func(time.Time) error) error {
+	c.dmu.Lock()
+	defer c.dmu.Unlock()
+	if c.closing.Load() {
+		return c.opErr("set", net.ErrClosed)
+	}
+	if err := set(t); err != nil {
+		return c.opErr("set", err)
+	}
+	return nil
+}
 
 var _ net.Conn = (*Conn)(nil)

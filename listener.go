@@ -2,19 +2,26 @@ package sinc
 
 import (
 	"context"
+	"errors"
+	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 
 	"sinc.dev/sinc/internal/local"
 )
 
-// Listener accepts the channels opened to a service. It is a net.Listener.
+// Listener accepts the channels opened to a service. It is a net.Listener:
+// after Close, Accept returns an error matching net.ErrClosed; when the
+// agent goes away, one matching ErrAgentGone.
 type Listener struct {
-	c    *net.UnixConn
-	addr Addr
+	c      *net.UnixConn
+	addr   Addr
+	closed atomic.Bool
 
-	mu sync.Mutex // serializes Accept
-	nr *local.NoticeReader
+	mu  sync.Mutex // serializes Accept
+	nr  *local.NoticeReader
+	end error // sticky: why accepting ended, guarded by mu
 }
 
 // ListenConfig configures Listen.
@@ -27,7 +34,8 @@ func Listen(service string) (*Listener, error) {
 	return (&ListenConfig{}).Listen(context.Background(), service)
 }
 
-// Listen listens on service; ctx bounds the request, not the listener.
+// Listen listens on service; ctx bounds the request (busy answers are
+// retried as by Dialer), not the listener.
 func (lc *ListenConfig) Listen(ctx context.Context, service string) (*Listener, error) {
 	c, resp, err := request(ctx, lc.Socket, &local.Request{Op: local.OpListen, Service: service})
 	if err != nil {
@@ -45,14 +53,24 @@ func (l *Listener) Accept() (net.Conn, error) {
 func (l *Listener) AcceptSinc() (*Conn, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	if l.closed.Load() {
+		return nil, l.opErr(net.ErrClosed)
+	}
+	if l.end != nil {
+		return nil, l.end
+	}
 	n, f, err := l.nr.Next()
 	if err != nil {
-		return nil, &OpError{Op: "accept", Addr: l.addr.String(), Err: err}
+		if l.closed.Load() {
+			return nil, l.opErr(net.ErrClosed)
+		}
+		l.end = l.opErr(noticeErr(err))
+		return nil, l.end
 	}
 	fc, err := net.FileConn(f)
 	f.Close()
 	if err != nil {
-		return nil, &OpError{Op: "accept", Addr: l.addr.String(), Err: err}
+		return nil, l.opErr(err)
 	}
 	kind := Stream
 	if n.Conn != nil && n.Conn.Kind == local.KindMessage {
@@ -65,18 +83,43 @@ func (l *Listener) AcceptSinc() (*Conn, error) {
 	c, err := newConn(fc.(*net.UnixConn), kind, n.Conn, remote)
 	if err != nil {
 		fc.Close()
-		return nil, &OpError{Op: "accept", Addr: l.addr.String(), Err: err}
+		return nil, l.opErr(err)
 	}
 	return c, nil
 }
 
-// Close stops listening; channels already accepted go on.
+// noticeErr names why the notices stopped: the socket closed or failed
+// (the agent went away), or the agent sent something that is not a
+// notice.
+func noticeErr(err error) error {
+	var oe *net.OpError
+	switch {
+	case errors.Is(err, io.EOF) || err.Error() == "agent closed the listener":
+		return &Error{Code: ErrAgentGone.Code, Message: "the agent closed the listening socket: it stopped or died", cause: err}
+	case errors.As(err, &oe):
+		return &Error{Code: ErrAgentGone.Code, Message: "the listening socket failed (" + errText(err) + "): the agent stopped or died", cause: err}
+	}
+	return &Error{Code: ErrProtocol.Code, Message: err.Error(), cause: err}
+}
+
+func (l *Listener) opErr(err error) error {
+	return &OpError{Op: "accept", Addr: l.addr.String(), Err: err}
+}
+
+// Close stops listening; channels already accepted go on. An Accept in
+// progress returns an error matching net.ErrClosed.
 func (l *Listener) Close() error {
+	if l.closed.Swap(true) {
+		return &OpError{Op: "close", Addr: l.addr.String(), Err: net.ErrClosed}
+	}
 	err := l.c.Close()
 	l.mu.Lock()
 	l.nr.Close()
 	l.mu.Unlock()
-	return err
+	if err != nil {
+		return &OpError{Op: "close", Addr: l.addr.String(), Err: err}
+	}
+	return nil
 }
 
 // Addr returns node/partition/service.

@@ -1,7 +1,6 @@
 package sinc
 
 import (
-	"errors"
 	"io"
 	"net"
 	"syscall"
@@ -21,6 +20,13 @@ type recvBuffer struct {
 	rc   syscall.RawConn
 	buf  []byte // nil while empty
 	r, w int
+
+	// One read's argument and results, for readFd: a method value made
+	// once, so that a read allocates no closure.
+	readFd func(fd uintptr) bool
+	p      []byte
+	n      int
+	rerr   error
 }
 
 func newRecvBuffer(c *net.UnixConn) (*recvBuffer, error) {
@@ -28,7 +34,9 @@ func newRecvBuffer(c *net.UnixConn) (*recvBuffer, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &recvBuffer{rc: rc}, nil
+	b := &recvBuffer{rc: rc}
+	b.readFd = b.readOnce
+	return b, nil
 }
 
 var recvBufs = make(chan []byte, 64)
@@ -61,30 +69,10 @@ func (b *recvBuffer) release() {
 // reads into a buffer from the free list, taken only once the socket is
 // readable, and returns that.
 func (b *recvBuffer) read(p []byte) ([]byte, int, error) {
-	var n int
-	var rerr error
-	err := b.rc.Read(func(fd uintptr) bool {
-		q := p
-		if q == nil {
-			q = getRecvBuf()
-		}
-		for {
-			n, rerr = unix.Read(int(fd), q)
-			if rerr != unix.EINTR {
-				break
-			}
-		}
-		if rerr == unix.EAGAIN {
-			if p == nil {
-				putRecvBuf(q) // nothing to read: wait without a buffer
-			}
-			return false
-		}
-		if p == nil {
-			p = q
-		}
-		return true
-	})
+	b.p, b.n, b.rerr = p, 0, nil
+	err := b.rc.Read(b.readFd)
+	p, n, rerr := b.p, b.n, b.rerr
+	b.p, b.rerr = nil, nil
 	if err != nil {
 		return p, 0, err // a deadline, or closed
 	}
@@ -95,6 +83,30 @@ func (b *recvBuffer) read(p []byte) ([]byte, int, error) {
 		return p, 0, io.EOF
 	}
 	return p, n, nil
+}
+
+// readOnce is read's step in the poller: one read(2) into b.p, or into a
+// buffer from the free list if b.p is nil. It reports false (wait) when
+// nothing is there.
+func (b *recvBuffer) readOnce(fd uintptr) bool {
+	q := b.p
+	if q == nil {
+		q = getRecvBuf()
+	}
+	for {
+		b.n, b.rerr = unix.Read(int(fd), q)
+		if b.rerr != unix.EINTR {
+			break
+		}
+	}
+	if b.rerr == unix.EAGAIN {
+		if b.p == nil {
+			putRecvBuf(q) // nothing to read: wait without a buffer
+		}
+		return false
+	}
+	b.p = q
+	return true
 }
 
 // fill takes a buffer from the free list, once the socket is readable, and
@@ -134,23 +146,22 @@ func (b *recvBuffer) Read(p []byte) (int, error) {
 	return n, nil
 }
 
-// Discard skips n bytes.
-func (b *recvBuffer) Discard(n int) error {
-	for n > 0 {
+// Discard skips n bytes and returns how many it skipped: fewer only with
+// an error (a deadline, or io.EOF), after which the caller may go on.
+func (b *recvBuffer) Discard(n int) (int, error) {
+	done := 0
+	for done < n {
 		if b.buf == nil {
 			if err := b.fill(); err != nil {
-				if errors.Is(err, io.EOF) {
-					return io.ErrUnexpectedEOF
-				}
-				return err
+				return done, err
 			}
 		}
-		d := min(n, b.w-b.r)
+		d := min(n-done, b.w-b.r)
 		b.r += d
-		n -= d
+		done += d
 		if b.r == b.w {
 			b.release()
 		}
 	}
-	return nil
+	return done, nil
 }

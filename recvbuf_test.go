@@ -60,8 +60,8 @@ func TestRecvBufferHeldOnlyWithData(t *testing.T) {
 	if err != nil || rb.buf == nil {
 		t.Fatalf("first small read: %d, %v, buffer held: %v", n, err, rb.buf != nil)
 	}
-	if err := rb.Discard(5); err != nil {
-		t.Fatal(err)
+	if n, err := rb.Discard(5); n != 5 || err != nil {
+		t.Fatal(n, err)
 	}
 	rest, err := io.ReadAll(io.LimitReader(rb, int64(len(data)-15)))
 	if err != nil {
@@ -86,8 +86,8 @@ func TestRecvBufferHeldOnlyWithData(t *testing.T) {
 	if _, err := rb.Read(small[:]); err != io.EOF {
 		t.Fatalf("read after the peer closed: %v, want io.EOF", err)
 	}
-	if err := rb.Discard(1); err != io.ErrUnexpectedEOF {
-		t.Fatalf("discard after the peer closed: %v", err)
+	if n, err := rb.Discard(1); n != 0 || err != io.EOF {
+		t.Fatalf("discard after the peer closed: %d, %v", n, err)
 	}
 }
 
