@@ -580,7 +580,16 @@ func TestIdleChannelsHoldNoPumpsAEADsOrFrames(t *testing.T) {
 	}
 	idle := func() {
 		t.Helper()
-		eventually(t, 5*time.Second, "no pump left on idle channels", func() bool { return pumps() == 0 })
+		eventually(t, 5*time.Second, "no pump left on idle channels", func() bool {
+			if pumps() == 0 {
+				return true
+			}
+			if os.Getenv("SINC_DEBUG_PUMPS") != "" {
+				buf := make([]byte, 1<<20)
+				t.Logf("%s", buf[:runtime.Stack(buf, true)])
+			}
+			return false
+		})
 		eventually(t, 5*time.Second, "no AEAD left on idle channels", func() bool { return aeads(p.a)+aeads(p.b) == 0 })
 		eventually(t, 5*time.Second, "no sent frame held by idle channels", func() bool { return heldFrames(p.a)+heldFrames(p.b) == 0 })
 	}

@@ -73,6 +73,10 @@ func (a *Agent) dial(p *partition, proc *procRef, sock *net.UnixConn, pre *bytes
 			if !errors.Is(err, errProcessGone) {
 				a.counters.refuse("node_unreachable")
 			}
+			// The peer's last error, with its address, is for the log and
+			// the admin's sinc peers, not for the process.
+			a.log.Info("channel open: no link to the peer", "from", p.name, "uid", proc.uid, "to", addr.String(), "err", err,
+				"last_error", a.peerLastError(pr))
 			return fail(wire.CodeUnreachable, a.cfg.Node, "node %q is unreachable: %v", addr.Node, err)
 		}
 		car = pr.carrier
@@ -145,6 +149,13 @@ func (a *Agent) dial(p *partition, proc *procRef, sock *net.UnixConn, pre *bytes
 // match) is full.
 func (a *Agent) tableFull() string {
 	return fmt.Sprintf("%s has %d channels open, its limit", a.cfg.Node, a.cfg.Limits.Channels)
+}
+
+// peerLastError returns why pr's last link or dial failed.
+func (a *Agent) peerLastError(pr *peer) string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return pr.lastErr
 }
 
 // budgetSpent says the memory budget is spent: only its reserve, for the

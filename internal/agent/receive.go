@@ -407,8 +407,10 @@ func (ch *channel) grant(n uint64) {
 // credit is due: it goes back in batches of half a window, so that a bulk
 // transfer costs a Credit message (a write on the link) per half window
 // rather than per frame, while the sender still has the other half to
-// send meanwhile. After its FIN the peer sends nothing more. Called under
-// rmu.
+// send meanwhile; and whenever the sender would have less than a full
+// frame once everything is delivered, so it never waits for ever with a
+// record of the largest size. After its FIN the peer sends nothing more.
+// Called under rmu.
 //
 // The window starts small and doubles at each grant while the process
 // keeps up — its socket holds less than half its buffer unread — and as
@@ -418,7 +420,10 @@ func (ch *channel) grant(n uint64) {
 func (ch *channel) delivered(n uint64) bool {
 	ch.deliveredB += n
 	limit := ch.deliveredB + uint64(ch.window)
-	if limit <= ch.granted || limit-ch.granted < uint64(ch.window)/2 || ch.finIn {
+	// Due: half a window delivered since the last grant, or less than a
+	// full frame left to the sender — which may be waiting for one (its
+	// next record may be the largest), and would wait for ever.
+	if limit <= ch.granted || limit-ch.granted < uint64(ch.window)/2 && ch.granted-ch.deliveredB >= minWindow || ch.finIn {
 		return false
 	}
 	keepsUp := ch.held == 0 && ch.unread() < socketBuffer/2

@@ -53,33 +53,33 @@ func (ch *channel) outbound() {
 			putReader(br)
 		}
 	}()
-	for {
-		if (br == nil || br.Buffered() == 0) && (ch.pre == nil || ch.pre.Len() == 0) && ch.creditLeft() < minWindow {
-			// Little credit: wait for more before reading on, without a
-			// read buffer, so that a channel whose peer stopped reading
-			// holds none (its process's bytes wait in its socket).
+	for first := true; ; first = false {
+		if (br == nil || br.Buffered() == 0) && (ch.pre == nil || ch.pre.Len() == 0) {
+			// At a record boundary with nothing read ahead: the pump holds
+			// no read buffer while it waits. Unless the poller just
+			// started it, it waits a while for the process to send more,
+			// and on a channel gone idle ends; the poller starts one again
+			// when the process sends. With little credit it waits for
+			// more before reading on, so that a channel whose peer stopped
+			// reading holds no buffer (its process's bytes wait in its
+			// socket).
 			if br != nil {
 				putReader(br)
 				br = nil
 			}
-			if !ch.awaitCredit(minWindow) {
-				return
-			}
-		}
-		if br != nil && br.Buffered() == 0 && (ch.pre == nil || ch.pre.Len() == 0) {
-			// At a record boundary with nothing read ahead: the pump
-			// waits a while for more, and then, on a channel gone idle,
-			// ends; the poller starts one again when the process sends.
-			putReader(br)
-			br = nil
-			ch.sock.SetReadDeadline(time.Now().Add(pumpLinger))
-			idle := ch.waitReadable()
-			ch.sock.SetReadDeadline(time.Time{})
-			if idle {
-				if ch.a.poller.arm(ch) == nil {
-					return
+			if !first {
+				ch.sock.SetReadDeadline(time.Now().Add(pumpLinger))
+				idle := ch.waitReadable()
+				ch.sock.SetReadDeadline(time.Time{})
+				if idle {
+					if ch.a.poller.arm(ch) == nil {
+						return
+					}
+					ch.waitReadable()
 				}
-				ch.waitReadable()
+			}
+			if ch.creditLeft() < minWindow && !ch.awaitCredit(minWindow) {
+				return
 			}
 		}
 		if br == nil {
