@@ -171,7 +171,7 @@ class TestOpenErrors(AgentTest):
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 conns.append(s)
                 s.connect(sock("node-a/batch"))
-            ready, _, _ = select.select(conns, [], [], 0.5)
+            ready, _, _ = select.select(conns, [], [], WAIT)  # at the first answer
             busy = []
             for s in ready:
                 s.settimeout(WAIT)
