@@ -20,7 +20,7 @@ import (
 // them; the tests themselves are in clients/python/tests.
 //
 //	node-a  web, batch   policy: web may reach anything; batch nothing.
-//	                     listeners_per_partition 2, pending_requests 4
+//	                     listeners_per_partition 2, pending_requests 4, queued_requests 4
 //	node-b  db, spare    policy: any partition may reach node-b/db/*;
 //	                     nothing reaches spare
 //	node-c  edge         channels_per_process 2 (the limit tests); the
@@ -89,8 +89,8 @@ func startPythonCluster(t *testing.T) (*pyCluster, []*cluster.Process) {
 	}
 	specs := []cluster.NodeSpec{
 		{Name: "node-a", Partitions: []string{"web", "batch"},
-			Extra: allow("node-a/web", "*/*/*") + "\n[limits]\nlisteners_per_partition = 2\npending_requests = 4\n"},
-		{Name: "node-b", Partitions: []string{"db", "spare"}, Extra: allow("*/*", "node-b/db/*")},
+			Extra: allow("node-a/web", "*/*/*") + "\n[limits]\nlisteners_per_partition = 2\npending_requests = 4\nqueued_requests = 4\n"},
+		{Name: "node-b", Partitions: []string{"db", "spare"}, Extra: allow("*/*", "node-b/db/*") + allow("node-a/web", "node-b/nope/*")},
 		{Name: "node-c", Partitions: []string{"edge"},
 			Extra: allow("node-c/edge", "node-b/db/*") + "\n[limits]\nchannels_per_process = 2\n"},
 		{Name: "node-d", Partitions: []string{"gone"}, Extra: allow("node-d/gone", "node-b/db/*")},
@@ -102,7 +102,7 @@ func startPythonCluster(t *testing.T) (*pyCluster, []*cluster.Process) {
 		t.Fatal(err)
 	}
 	pc := &pyCluster{Sockets: map[string]string{}, PIDs: map[string]int{},
-		Limits: map[string]int{"listeners_per_partition": 2, "pending_requests": 4, "channels_per_process": 2},
+		Limits: map[string]int{"listeners_per_partition": 2, "pending_requests": 4, "queued_requests": 4, "channels_per_process": 2},
 		Timers: map[string]string{"open": timers.Open, "request": timers.Request}}
 	var procs []*cluster.Process
 	for _, name := range []string{"node-a", "node-b", "node-c", "node-d"} {

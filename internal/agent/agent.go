@@ -35,10 +35,9 @@ type Agent struct {
 	identSlot []byte // protected memory of the node key in force
 	instance  [link.InstanceSize]byte
 
-	arena     *secret.Arena // protected memory for every key the agent holds
-	poller    *poller       // starts idle channels' outbound pumps; set by Run
-	pending   *link.Gate    // handshakes in progress on the peer port
-	accepting chan struct{} // one token per channel accept in progress
+	arena   *secret.Arena // protected memory for every key the agent holds
+	poller  *poller       // starts idle channels' outbound pumps; set by Run
+	pending *link.Gate    // handshakes in progress on the peer port
 
 	mu       sync.Mutex
 	peers    map[string]*peer // changes on reload (reloadPeers)
@@ -117,7 +116,6 @@ func New(cfg *config.Config, log *slog.Logger) (*Agent, error) {
 		cert:       c,
 		instance:   link.NewInstance(),
 		pending:    link.NewGate(cfg.Limits.PendingHandshakes, cfg.Limits.PendingHandshakesPerSource),
-		accepting:  make(chan struct{}, maxAccepting),
 		peers:      make(map[string]*peer, len(cfg.Peers)),
 		partitions: make(map[string]*partition, len(cfg.Partitions)),
 		tables:     newTables(cfg.Limits.Channels),
@@ -125,7 +123,7 @@ func New(cfg *config.Config, log *slog.Logger) (*Agent, error) {
 		localConns: map[*net.UnixConn]struct{}{},
 	}
 	a.budget = newBudget(int64(cfg.Limits.Memory), int64(cfg.Limits.Memory)/8)
-	a.self = &selfCarrier{a: a, bud: a.peerBudget()}
+	a.self = &selfCarrier{a: a, bud: a.peerBudget(), pending: make(chan struct{}, maxAccepting)}
 	a.policy.Store(cfg.Policy)
 	a.linkCfg = &link.Config{
 		Private:          nodeKey[:32],
@@ -142,7 +140,7 @@ func New(cfg *config.Config, log *slog.Logger) (*Agent, error) {
 	a.identSlot = nodeKey
 	for name, p := range cfg.Peers {
 		pr := newPeer(name, p.Address)
-		pr.carrier = &peerCarrier{a: a, p: pr, bud: a.peerBudget()}
+		pr.carrier = a.newPeerCarrier(pr)
 		a.peers[name] = pr
 	}
 	if cfg.Revocations != "" {
@@ -169,8 +167,10 @@ func MemoryLimit(cfg *config.Config) int64 {
 	return 2*int64(cfg.Limits.Memory) + int64(cfg.Limits.Channels)*16<<10 + 64<<20
 }
 
-// maxAccepting bounds the channel opens from peers being accepted at once.
-const maxAccepting = 256
+// maxAccepting bounds the channel opens from one peer being handed to
+// their listeners at once: a burst of opens waits its turn up to this
+// many, and only past it is refused busy.
+const maxAccepting = 1024
 
 // keySlot is the protected memory a channel's keys take: the key it sends
 // with, the key it receives with, and the receiving key being retired

@@ -21,12 +21,18 @@ import (
 
 // peerCarrier carries channels to one peer over its current link.
 type peerCarrier struct {
-	a   *Agent
-	p   *peer
-	bud *memBudget // the peer's part of the memory budget
+	a       *Agent
+	p       *peer
+	bud     *memBudget    // the peer's part of the memory budget
+	pending chan struct{} // one token per open of the peer's being accepted
 }
 
-func (c *peerCarrier) budget() *memBudget { return c.bud }
+func (a *Agent) newPeerCarrier(p *peer) *peerCarrier {
+	return &peerCarrier{a: a, p: p, bud: a.peerBudget(), pending: make(chan struct{}, maxAccepting)}
+}
+
+func (c *peerCarrier) budget() *memBudget   { return c.bud }
+func (c *peerCarrier) opens() chan struct{} { return c.pending }
 
 var errNoLink = errors.New("no link to the peer")
 
@@ -56,11 +62,13 @@ func (c *peerCarrier) sendData(frame []byte) error {
 // this agent: straight into its own receiving side, through the same
 // checks as frames from a peer.
 type selfCarrier struct {
-	a   *Agent
-	bud *memBudget
+	a       *Agent
+	bud     *memBudget
+	pending chan struct{}
 }
 
-func (c *selfCarrier) budget() *memBudget { return c.bud }
+func (c *selfCarrier) budget() *memBudget   { return c.bud }
+func (c *selfCarrier) opens() chan struct{} { return c.pending }
 
 func (c *selfCarrier) name() string { return c.a.cfg.Node }
 

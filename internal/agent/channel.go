@@ -180,7 +180,8 @@ type carrier interface {
 	name() string // the peer node
 	sendControl(msg []byte) error
 	sendData(frame []byte) error
-	budget() *memBudget // the peer's part of the memory budget
+	budget() *memBudget   // the peer's part of the memory budget
+	opens() chan struct{} // tokens of the peer's opens being accepted
 }
 
 // minWindow is the least a channel grants at a time: room for the largest

@@ -348,13 +348,13 @@ func (a *Agent) handleOpen(car carrier, m *wire.Open) {
 		return
 	}
 	select {
-	case a.accepting <- struct{}{}:
+	case car.opens() <- struct{}{}:
 	default:
-		refuse(wire.CodeBusy, "%s has too many channel opens in progress", a.cfg.Node)
+		refuse(wire.CodeBusy, "%s has %d channel opens of %s in progress", a.cfg.Node, maxAccepting, car.name())
 		return
 	}
 	if code, reason := a.accept(car, m, p, l, refuse); code != wire.CodeOK {
-		<-a.accepting
+		<-car.opens()
 		refuse(code, "%s", reason)
 	}
 }
@@ -425,12 +425,12 @@ func (a *Agent) accept(car carrier, m *wire.Open, p *partition, l *listener, ref
 		Window: ch.window, DstProc: l.proc.wireID()}
 	if !ch.keys.copyRecv(acc.Key[:]) {
 		unix.Close(fds[1])
-		<-a.accepting
+		<-car.opens()
 		ch.start()
 		return wire.CodeOK, ""
 	}
 	a.goRun(func() {
-		defer func() { <-a.accepting }()
+		defer func() { <-car.opens() }()
 		defer clear(acc.Key[:])
 		a.handOver(car, ch, l, fds[1], acc, refuse)
 	})
@@ -451,7 +451,8 @@ func (a *Agent) handOver(car carrier, ch *channel, l *listener, fd int, acc *wir
 	if err != nil {
 		ch.end(nil, false)
 		ch.start()
-		refuse(wire.CodeBusy, "the listener of %s/%s/%s is not accepting: %v", a.cfg.Node, ch.part, l.service, err)
+		a.log.Info("listener did not take a channel", "partition", ch.part, "service", l.service, "err", err)
+		refuse(wire.CodeBusy, "the listener of %s/%s/%s is not taking channels", a.cfg.Node, ch.part, l.service)
 		return
 	}
 	msg := acc.Marshal()

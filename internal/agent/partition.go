@@ -179,7 +179,11 @@ func (a *Agent) refuseRequest(p *partition, conn *net.UnixConn, reason string, c
 		a.log.Warn("partition request refused", append([]any{"partition", p.name, "reason", reason,
 			"suppressed", n}, logArgs...)...)
 	}
-	reply(conn, failure(code, a.cfg.Node, msg))
+	by := a.cfg.Node
+	if code == wire.CodeTimeout {
+		by = "" // the process's own doing, as when its request is being read
+	}
+	reply(conn, failure(code, by, msg))
 	conn.Close()
 }
 

@@ -269,7 +269,7 @@ func (a *Agent) reloadPeers(want map[string]config.Peer) {
 			continue
 		}
 		p := newPeer(name, c.Address)
-		p.carrier = &peerCarrier{a: a, p: p}
+		p.carrier = a.newPeerCarrier(p)
 		a.peers[name] = p
 		a.startPeer(p)
 		a.log.Info("peer added", "peer", name, "address", c.Address)

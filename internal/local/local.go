@@ -144,11 +144,11 @@ func (a Addr) String() string { return a.Node + "/" + a.Partition + "/" + a.Serv
 func ParseAddr(s string) (Addr, error) {
 	parts := strings.Split(s, "/")
 	if len(parts) != 3 {
-		return Addr{}, fmt.Errorf("address %q is not node/partition/service", s)
+		return Addr{}, fmt.Errorf("address %.100q is not node/partition/service", s)
 	}
 	for i, what := range []string{"node", "partition", "service"} {
 		if err := cert.ValidName(parts[i]); err != nil {
-			return Addr{}, fmt.Errorf("address %q: %s: %w", s, what, err)
+			return Addr{}, fmt.Errorf("address %.100q: %s: %w", s, what, err)
 		}
 	}
 	return Addr{parts[0], parts[1], parts[2]}, nil
