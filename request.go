@@ -102,9 +102,17 @@ func exchange(ctx context.Context, path string, req *local.Request) (*net.UnixCo
 	}
 	req.V = local.Version
 	b, _ := json.Marshal(req)
-	if _, err := uc.Write(append(b, '\n')); err != nil {
+	if _, werr := uc.Write(append(b, '\n')); werr != nil {
+		// The agent may have answered before it read the request — a
+		// refusal at the door (busy, out of descriptors) — and closed:
+		// its answer is the reason, if it is there to read.
+		uc.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+		resp, err := readResponse(uc)
 		uc.Close()
-		return nil, nil, ctxErr(ctx, brokenErr("the agent's socket failed before it took the request", err))
+		if err == nil && !resp.OK {
+			return nil, nil, fromLocal(resp.Error)
+		}
+		return nil, nil, ctxErr(ctx, brokenErr("the agent's socket failed before it took the request", werr))
 	}
 	resp, err := readResponse(uc)
 	if err != nil {

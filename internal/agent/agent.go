@@ -49,6 +49,7 @@ type Agent struct {
 	partitions map[string]*partition // fixed after start
 	self       *selfCarrier
 	budget     *memBudget // limits.memory: bytes buffered for all channels
+	spare      fdSpare    // a file descriptor kept for answering when out of them
 	policy     atomic.Pointer[policy.Policy]
 	revoked    atomic.Pointer[cert.Revocations]
 	rev        revocationState // serial order of revocation lists (revoke.go)
@@ -229,6 +230,14 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.poller.close()
 		return err
 	}
+	a.spare.f, _ = os.Open(os.DevNull)
+	defer func() {
+		a.spare.mu.Lock()
+		if a.spare.f != nil {
+			a.spare.f.Close()
+		}
+		a.spare.mu.Unlock()
+	}()
 	a.log.Info("agent started", "listen", ln.Addr().String(), "admin", a.cfg.Admin,
 		"partitions", len(a.partitions), "peers", len(a.peers), "policy_rules", a.policy.Load().Len(),
 		"cert_expires", a.cert.NotAfter, "key_memory", a.arena.Protection(), "key_slots", a.cfg.Limits.Channels)

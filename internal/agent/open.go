@@ -371,6 +371,10 @@ func (a *Agent) accept(car carrier, m *wire.Open, p *partition, l *listener, ref
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		l.proc.release(false, car.name(), m.SrcPart)
+		if outOfFDs(err) {
+			a.noteOutOfFDs()
+			return wire.CodeLimit, a.cfg.Node + ": " + errOutOfFDs
+		}
 		return wire.CodeInternal, "socketpair: " + err.Error()
 	}
 	f := os.NewFile(uintptr(fds[0]), "channel")
@@ -379,6 +383,10 @@ func (a *Agent) accept(car carrier, m *wire.Open, p *partition, l *listener, ref
 	if err != nil {
 		unix.Close(fds[1])
 		l.proc.release(false, car.name(), m.SrcPart)
+		if outOfFDs(err) {
+			a.noteOutOfFDs()
+			return wire.CodeLimit, a.cfg.Node + ": " + errOutOfFDs
+		}
 		return wire.CodeInternal, "socket: " + err.Error()
 	}
 	ch := a.newChannel(m.Kind, p.name, l.proc, car)

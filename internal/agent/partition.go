@@ -143,6 +143,10 @@ func (a *Agent) acceptLocal(p *partition) {
 			if errors.Is(err, net.ErrClosed) {
 				return
 			}
+			if outOfFDs(err) {
+				a.refuseForFDs(p.ln)
+				continue
+			}
 			a.log.Warn("partition accept", "partition", p.name, "err", err)
 			time.Sleep(10 * time.Millisecond)
 			continue
@@ -289,6 +293,11 @@ func (a *Agent) serveLocal(p *partition, w *waiter) {
 	id, err := ident.FromConn(conn, w.accepted)
 	if err != nil {
 		a.requestRead(p, w)
+		if outOfFDs(err) {
+			a.noteOutOfFDs()
+			reply(conn, failure(wire.CodeLimit, a.cfg.Node, errOutOfFDs))
+			return
+		}
 		a.log.Warn("cannot identify a connecting process", "partition", p.name, "err", err)
 		reply(conn, failure(wire.CodeInternal, a.cfg.Node, "cannot identify the connecting process"))
 		return
