@@ -51,10 +51,21 @@ func TestChannelStateInterleavings(t *testing.T) {
 	}
 	e := startHostileEnv(t, true)
 	t.Cleanup(func() { e.h.l.Close(errors.New("test over")) }) // the link of the last reconnect
+	// A bystander: node-b's channel to an echo on node-a, carrying checked
+	// messages through every run: the attacked agent serves its other
+	// peer throughout, nothing lost, duplicated or reordered.
+	ln, err := (&sinc.ListenConfig{Socket: e.c.Nodes["node-a"].Partitions["db"]}).Listen(ctxT(t), "echo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	echo(t, ln)
 	rng := rand.New(rand.NewPCG(seed, seed>>1|1))
 	total := 0
 	for run := range runs {
+		stopBystander := bystand(t, e, run)
 		total += interleave(t, e, rand.New(rand.NewPCG(rng.Uint64(), rng.Uint64())), steps)
+		stopBystander()
 		quiesce(t, e, run)
 		checkInvariants(t, e, run)
 		if run%4 == 3 { // now and then node-b restarts, losing its channels
@@ -64,6 +75,52 @@ func TestChannelStateInterleavings(t *testing.T) {
 		}
 	}
 	t.Logf("%d runs, %d actions", runs, total)
+}
+
+// bystand runs node-b's checked echo channel until the returned func is
+// called, which fails the test if a message was lost, changed or
+// reordered, or none went through.
+func bystand(t *testing.T, e *hostileEnv, run int) func() {
+	t.Helper()
+	c, err := (&sinc.Dialer{Socket: e.c.Nodes["node-b"].Partitions["x"], Kind: sinc.Message}).DialContext(ctxT(t), "node-a/db/echo")
+	if err != nil {
+		t.Fatalf("run %d: the bystander's channel: %v", run, err)
+	}
+	stop := make(chan struct{})
+	done := make(chan error, 1)
+	var n int
+	go func() {
+		for ; ; n++ {
+			select {
+			case <-stop:
+				done <- nil
+				return
+			default:
+			}
+			m := fmt.Sprintf("run %d message %d", run, n)
+			c.SetDeadline(time.Now().Add(5 * time.Second))
+			if err := c.WriteMessage([]byte(m)); err != nil {
+				done <- fmt.Errorf("write %q: %w", m, err)
+				return
+			}
+			if got, err := c.ReadMessage(); err != nil || string(got) != m {
+				done <- fmt.Errorf("sent %q, the echo read %q, %v", m, got, err)
+				return
+			}
+		}
+	}()
+	return func() {
+		t.Helper()
+		close(stop)
+		err := <-done
+		c.Close()
+		if err != nil {
+			t.Fatalf("run %d: the bystander's channel: %v", run, err)
+		}
+		if n == 0 {
+			t.Fatalf("run %d: no message of the bystander went through", run)
+		}
+	}
 }
 
 // interleave runs one round of random actions from the hostile peer, the
