@@ -160,7 +160,7 @@ func TestProcessAbort(t *testing.T) {
 	srv.SetReadDeadline(time.Now().Add(5 * time.Second))
 	_, err := srv.ReadMessage()
 	var se *sinc.Error
-	if !errors.As(err, &se) || se.Code != "aborted" || se.By != "node-a" ||
+	if !errors.Is(err, sinc.ErrAborted) || !errors.As(err, &se) || se.By != "node-a" ||
 		se.Message != "the remote process aborted the channel: the user pressed cancel" {
 		t.Fatalf("the other process read %#v (%v); want aborted by node-a with the message", se, err)
 	}

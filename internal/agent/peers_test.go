@@ -126,6 +126,19 @@ func TestRekeyIsOneHandshake(t *testing.T) {
 	if a1.downs != a0.downs || b1.downs != b0.downs {
 		t.Errorf("the peer fell from up during rekeys: node-a %d times, node-b %d times", a1.downs-a0.downs, b1.downs-b0.downs)
 	}
+	// A rekey loses nothing, so its resume resends nothing the peer has
+	// acknowledged; copies of frames in flight on the old link are counted
+	// as duplicates, never as the replays an attack would make.
+	for _, a := range []*testAgent{p.a, p.b} {
+		s := stats(t, a)
+		t.Logf("%s: %d resumes, %d frames retransmitted, %d duplicates", a.node.Name,
+			s["channel_resumes"], s["retransmitted_frames"], s["duplicate_frames"])
+		for _, k := range []string{"rejected_replay", "rejected_bad_epoch", "rejected_auth", "rejected_wrong_ids", "rejected_unknown_index"} {
+			if s[k] != 0 {
+				t.Errorf("%s counted %s %d during rekeys: an attack's counter moved by an honest rekey", a.node.Name, k, s[k])
+			}
+		}
+	}
 	// (A last error from before the link first came up — the peer's
 	// agent not started yet — may stay: nothing failed since.)
 	if a1.lastErr != a0.lastErr || b1.lastErr != b0.lastErr {
