@@ -1,11 +1,8 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
-	"os/exec"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -47,31 +44,8 @@ func TestStalledChannelsStayInBudget(t *testing.T) {
 	for i, p := range procs {
 		base[i] = rssKiB(p.Cmd.Process.Pid)
 	}
-	load := filepath.Join(filepath.Dir(bin), "loadclient")
-	if out, err := exec.Command("go", "build", "-o", load, "../../internal/loadclient").CombinedOutput(); err != nil {
-		t.Fatalf("building the load client: %v\n%s", err, out)
-	}
-	cmd := exec.Command(load, "-stall", "2000", "-bulk", "32000000",
+	out, errb, werr, peak := runLoad(t, procs, "-stall", "2000", "-bulk", "32000000",
 		"-node", "node-a="+c.Nodes["node-a"].Partitions["p"], "-node", "node-b="+c.Nodes["node-b"].Partitions["p"])
-	var out, errb bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	peak := make([]int, len(procs))
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	var werr error
-	for waiting := true; waiting; {
-		select {
-		case werr = <-done:
-			waiting = false
-		case <-time.After(50 * time.Millisecond):
-		}
-		for i, p := range procs {
-			peak[i] = max(peak[i], rssKiB(p.Cmd.Process.Pid))
-		}
-	}
 	var res struct {
 		Stalled      int     `json:"stalled"`
 		Refused      int     `json:"refused_limit"`
@@ -80,8 +54,8 @@ func TestStalledChannelsStayInBudget(t *testing.T) {
 		BulkDuring   float64 `json:"bulk_during_mibps"`
 		Error        string  `json:"error"`
 	}
-	if err := json.Unmarshal(out.Bytes(), &res); err != nil || werr != nil || res.Error != "" {
-		t.Fatalf("load client: %v %v %+v\n%s", werr, err, res, errb.String())
+	if err := json.Unmarshal(out, &res); err != nil || werr != nil || res.Error != "" {
+		t.Fatalf("load client: %v %v %+v\n%s", werr, err, res, errb)
 	}
 	t.Logf("%d channels stalled (%d opens refused: limit), %d MiB written into them; bulk %.0f MiB/s before, %.0f MiB/s beside them",
 		res.Stalled, res.Refused, res.StalledBytes>>20, res.BulkBefore, res.BulkDuring)

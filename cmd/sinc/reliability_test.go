@@ -167,41 +167,18 @@ func TestThousandChannelsThreeNodes(t *testing.T) {
 	}
 	// The load runs in its own process, built without the race detector:
 	// it echoes on every node, opens the channels and checks every message.
-	load := filepath.Join(filepath.Dir(bin), "loadclient")
-	if out, err := exec.Command("go", "build", "-o", load, "../../internal/loadclient").CombinedOutput(); err != nil {
-		t.Fatalf("building the load client: %v\n%s", err, out)
-	}
 	args := []string{"-channels", "1000", "-messages", "1000"}
 	for _, n := range names {
 		args = append(args, "-node", n+"="+c.Nodes[n].Partitions["p"])
 	}
-	cmd := exec.Command(load, args...)
-	var out, errb bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	peak := make([]int, len(procs))
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	var werr error
-	for waiting := true; waiting; {
-		select {
-		case werr = <-done:
-			waiting = false
-		case <-time.After(50 * time.Millisecond):
-		}
-		for i, p := range procs {
-			peak[i] = max(peak[i], rssKiB(p.Cmd.Process.Pid))
-		}
-	}
+	out, errb, werr, peak := runLoad(t, procs, args...)
 	var res struct {
 		Channels, Messages, Delivered int
 		Seconds                       float64
 		Error                         string
 	}
-	if err := json.Unmarshal(out.Bytes(), &res); err != nil || werr != nil || res.Error != "" {
-		t.Fatalf("load client: %v %v %+v\n%s", werr, err, res, errb.String())
+	if err := json.Unmarshal(out, &res); err != nil || werr != nil || res.Error != "" {
+		t.Fatalf("load client: %v %v %+v\n%s", werr, err, res, errb)
 	}
 	if res.Delivered != 1000*1000 {
 		t.Fatalf("delivered %d messages, want %d", res.Delivered, 1000*1000)
@@ -217,6 +194,38 @@ func TestThousandChannelsThreeNodes(t *testing.T) {
 	}
 	t.Logf("%d channels × %d messages each way, every one checked once and in order, in %.1fs; peak agent RSS %v KiB",
 		res.Channels, res.Messages, res.Seconds, peak)
+}
+
+// runLoad builds internal/loadclient (without the race detector, so that
+// the load is the agents', not the test's), runs it with args, and
+// returns what it printed, its error, and the peak resident memory of
+// each of procs while it ran.
+func runLoad(t *testing.T, procs []*cluster.Process, args ...string) (out []byte, errs string, err error, peak []int) {
+	t.Helper()
+	load := filepath.Join(filepath.Dir(bin), "loadclient")
+	if out, err := exec.Command("go", "build", "-o", load, "../../internal/loadclient").CombinedOutput(); err != nil {
+		t.Fatalf("building the load client: %v\n%s", err, out)
+	}
+	cmd := exec.Command(load, args...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	peak = make([]int, len(procs))
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	for waiting := true; waiting; {
+		select {
+		case err = <-done:
+			waiting = false
+		case <-time.After(50 * time.Millisecond):
+		}
+		for i, p := range procs {
+			peak[i] = max(peak[i], rssKiB(p.Cmd.Process.Pid))
+		}
+	}
+	return stdout.Bytes(), stderr.String(), err, peak
 }
 
 // rssKiB reads a process's resident set size.

@@ -26,6 +26,13 @@ func faultPair(t *testing.T, grace string) (*pair, *faultproxy.Proxy) {
 	t.Helper()
 	timers := fastTimers
 	timers.Grace = grace
+	return proxiedPair(t, timers)
+}
+
+// proxiedPair starts the channel test pair with timers, node-a linking to
+// node-b through a fault proxy.
+func proxiedPair(t *testing.T, timers cluster.Timers) (*pair, *faultproxy.Proxy) {
+	t.Helper()
 	c, err := cluster.Make(shortTempDir(t), channelSpecs, timers)
 	if err != nil {
 		t.Fatal(err)
@@ -35,16 +42,24 @@ func faultPair(t *testing.T, grace string) (*pair, *faultproxy.Proxy) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { px.Close() })
+	return pairThrough(t, c, px.Addr()), px
+}
+
+// pairThrough starts node-b, which only accepts links, and node-a, which
+// dials it at addr (a proxy or a relay in between), and waits for their
+// link.
+func pairThrough(t *testing.T, c *cluster.Cluster, addr string) *pair {
+	t.Helper()
 	p := &pair{c: c}
 	p.b = startAgent(t, c.Nodes["node-b"], func(cfg *config.Config) {
 		cfg.Peers["node-a"] = config.Peer{Name: "node-a", Address: "127.0.0.1:1"}
 	})
 	p.a = startAgent(t, c.Nodes["node-a"], func(cfg *config.Config) {
-		cfg.Peers["node-b"] = config.Peer{Name: "node-b", Address: px.Addr()}
+		cfg.Peers["node-b"] = config.Peer{Name: "node-b", Address: addr}
 	})
 	waitUp(t, p.a, "node-b")
 	waitUp(t, p.b, "node-a")
-	return p, px
+	return p
 }
 
 // stream is one channel's deterministic traffic: what was written and what

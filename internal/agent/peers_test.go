@@ -270,24 +270,7 @@ func TestGraceCountsFromLastFrameHeard(t *testing.T) {
 	const grace, deadAfter = 1500 * time.Millisecond, time.Second
 	timers := fastTimers
 	timers.Grace, timers.DeadAfter, timers.Keepalive = grace.String(), deadAfter.String(), "100ms"
-	c, err := cluster.Make(shortTempDir(t), channelSpecs, timers)
-	if err != nil {
-		t.Fatal(err)
-	}
-	px, err := faultproxy.New("127.0.0.1:0", c.Nodes["node-b"].Listen)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { px.Close() })
-	p := &pair{c: c}
-	p.b = startAgent(t, c.Nodes["node-b"], func(cfg *config.Config) {
-		cfg.Peers["node-a"] = config.Peer{Name: "node-a", Address: "127.0.0.1:1"}
-	})
-	p.a = startAgent(t, c.Nodes["node-a"], func(cfg *config.Config) {
-		cfg.Peers["node-b"] = config.Peer{Name: "node-b", Address: px.Addr()}
-	})
-	waitUp(t, p.a, "node-b")
-	waitUp(t, p.b, "node-a")
+	p, px := proxiedPair(t, timers)
 	l := p.listen(t, "node-b", "db", "hold")
 	accepted := make(chan *sinc.Conn, 1)
 	go func() {

@@ -12,7 +12,6 @@ import (
 
 	"sinc.dev/sinc"
 	"sinc.dev/sinc/internal/cluster"
-	"sinc.dev/sinc/internal/config"
 )
 
 // relay sits between node-a and node-b: it forwards TCP bytes both ways and
@@ -122,16 +121,7 @@ func relayPair(t *testing.T) (*pair, *relay) {
 		t.Fatal(err)
 	}
 	r := startRelay(t, c.Nodes["node-b"].Listen)
-	p := &pair{c: c}
-	p.b = startAgent(t, c.Nodes["node-b"], func(cfg *config.Config) {
-		cfg.Peers["node-a"] = config.Peer{Name: "node-a", Address: "127.0.0.1:1"}
-	})
-	p.a = startAgent(t, c.Nodes["node-a"], func(cfg *config.Config) {
-		cfg.Peers["node-b"] = config.Peer{Name: "node-b", Address: r.ln.Addr().String()}
-	})
-	waitUp(t, p.a, "node-b")
-	waitUp(t, p.b, "node-a")
-	return p, r
+	return pairThrough(t, c, r.ln.Addr().String()), r
 }
 
 // TestWireTapSeesNoPlaintext: a known payload crosses a channel through a
