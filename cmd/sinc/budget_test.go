@@ -29,15 +29,7 @@ func TestStalledChannelsStayInBudget(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var procs []*cluster.Process
-	for _, n := range c.Names() {
-		p, err := cluster.Start(bin, c.Nodes[n])
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer p.Stop(10 * time.Second)
-		procs = append(procs, p)
-	}
+	procs := startAgents(t, c)
 	waitState(t, c.Nodes["node-a"], "node-b", "up", 10*time.Second)
 	waitState(t, c.Nodes["node-b"], "node-a", "up", 10*time.Second)
 	base := make([]int, len(procs))

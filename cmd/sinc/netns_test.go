@@ -29,13 +29,7 @@ func TestChannelsAcrossNamespaces(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, n := range c.Names() {
-		p, err := cluster.Start(bin, c.Nodes[n])
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer p.Stop(5 * time.Second)
-	}
+	startAgents(t, c)
 	waitState(t, c.Nodes["node-a"], "node-b", "up", 15*time.Second)
 	waitState(t, c.Nodes["node-b"], "node-a", "up", 15*time.Second)
 

@@ -148,15 +148,7 @@ func TestThousandChannelsThreeNodes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var procs []*cluster.Process
-	for _, n := range c.Names() {
-		p, err := cluster.Start(bin, c.Nodes[n])
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer p.Stop(10 * time.Second)
-		procs = append(procs, p)
-	}
+	procs := startAgents(t, c)
 	names := c.Names()
 	for _, x := range names {
 		for _, y := range names {
@@ -194,6 +186,22 @@ func TestThousandChannelsThreeNodes(t *testing.T) {
 	}
 	t.Logf("%d channels × %d messages each way, every one checked once and in order, in %.1fs; peak agent RSS %v KiB",
 		res.Channels, res.Messages, res.Seconds, peak)
+}
+
+// startAgents starts an agent process for every node of c, each stopped
+// when the test ends.
+func startAgents(t *testing.T, c *cluster.Cluster) []*cluster.Process {
+	t.Helper()
+	var procs []*cluster.Process
+	for _, n := range c.Names() {
+		p, err := cluster.Start(bin, c.Nodes[n])
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { p.Stop(10 * time.Second) })
+		procs = append(procs, p)
+	}
+	return procs
 }
 
 // runLoad builds internal/loadclient (without the race detector, so that
