@@ -319,6 +319,14 @@ func (ch *channel) finish(why *local.Error, tell *wire.Close) {
 	ch.ended.Store(true)
 	ch.closeErr = why
 	ch.mu.Unlock()
+	// The peer hears why before the channel leaves the tables: a message
+	// of the peer's about it that comes meanwhile finds it ended, rather
+	// than no channel, which would be answered with a Close of its own
+	// that could overtake this one and lose the reason.
+	if tell != nil && st.remoteConn != 0 {
+		tell.Index, tell.DstConn, tell.SrcConn = st.remoteIndex, st.remoteConn, ch.id
+		ch.carrier.sendControl(tell.Marshal())
+	}
 	ch.a.tables.remove(ch, st)
 	if st.status == statusOpening {
 		// The dialing process waits for its answer on the socket: hand
@@ -330,10 +338,6 @@ func (ch *channel) finish(why *local.Error, tell *wire.Close) {
 		case ch.opened <- why:
 		default:
 		}
-	}
-	if tell != nil && st.remoteConn != 0 {
-		tell.Index, tell.DstConn, tell.SrcConn = st.remoteIndex, st.remoteConn, ch.id
-		ch.carrier.sendControl(tell.Marshal())
 	}
 	ch.rmu.Lock() // the receive step reads the keys under rmu
 	ch.keys.zero()

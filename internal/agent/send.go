@@ -565,8 +565,8 @@ func (a *Agent) handleCredit(car carrier, m *wire.Credit) {
 		a.goRun(func() { car.sendControl(msg) })
 		return
 	}
-	if !a.idsMatch(car, ch, m.DstConn, m.SrcConn) {
-		return
+	if !a.idsMatch(car, ch, m.DstConn, m.SrcConn) || ch.ended.Load() {
+		return // an ended channel: its end told the peer why
 	}
 	ch.keys.mu.Lock()
 	sealed := ch.keys.sendCtr
