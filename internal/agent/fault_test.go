@@ -210,15 +210,8 @@ func TestChannelsSurviveLinkFaults(t *testing.T) {
 func TestGraceExpiry(t *testing.T) {
 	p, px := faultPair(t, "600ms")
 	l := p.listen(t, "node-b", "db", "hold")
-	accepted := make(chan *sinc.Conn, 1)
-	go func() {
-		if c, err := l.AcceptSinc(); err == nil {
-			accepted <- c
-		}
-	}()
 	c := p.mustDial(t, "node-a", "web", "node-b/db/hold", sinc.Stream)
-	srv := <-accepted
-	defer srv.Close()
+	srv := acceptNext(t, l)
 	px.Refuse(true)
 	px.ResetAll()
 	start := time.Now()

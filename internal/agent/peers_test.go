@@ -272,15 +272,8 @@ func TestGraceCountsFromLastFrameHeard(t *testing.T) {
 	timers.Grace, timers.DeadAfter, timers.Keepalive = grace.String(), deadAfter.String(), "100ms"
 	p, px := proxiedPair(t, timers)
 	l := p.listen(t, "node-b", "db", "hold")
-	accepted := make(chan *sinc.Conn, 1)
-	go func() {
-		if c, err := l.AcceptSinc(); err == nil {
-			accepted <- c
-		}
-	}()
 	cn := p.mustDial(t, "node-a", "web", "node-b/db/hold", sinc.Stream)
-	srv := <-accepted
-	defer srv.Close()
+	srv := acceptNext(t, l)
 	time.Sleep(300 * time.Millisecond) // keepalives flow on the idle link
 
 	px.Blackhole(true)
