@@ -100,6 +100,8 @@ type channel struct {
 	finQueued bool
 	finAcked  bool
 	timer     rtxTimer
+	resentAck uint64        // the acknowledgement of the last request to send again we honoured
+	resentAt  time.Time     // and when
 	creditSig chan struct{} // credit or an acknowledgement arrived
 	finOut    atomic.Bool   // our FIN went out
 

@@ -166,3 +166,38 @@ func TestHostileImpossibleWindow(t *testing.T) {
 	}
 	e.goodChannel(t)
 }
+
+// TestHostileResendFlood: a peer that asks again and again for the frames
+// it has not acknowledged gets them again once per place in the stream
+// (or after a retransmission timeout), not once per request: a stream of
+// small Credits cannot make node-a send a window for each.
+func TestHostileResendFlood(t *testing.T) {
+	e := startHostileEnv(t, false)
+	c, open, acc, err := e.dialedByA(t, wire.MaxWindow)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Write(make([]byte, 48<<10)); err != nil { // frames the peer never acknowledges
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Second, "node-a sent its frames", func() bool { return stats(t, e.a)["data_frames_out"] > 0 })
+	s := stats(t, e.a)
+	const asks = 200
+	for range asks {
+		e.h.sendCtl(t, (&wire.Credit{Index: open.Index, DstConn: open.Conn, SrcConn: acc.Conn,
+			Granted: wire.MaxWindow, Flags: wire.FlagResend}).Marshal())
+	}
+	eventually(t, 5*time.Second, "node-a handled every request", func() bool {
+		d := stats(t, e.a)
+		return d["refused_resend_request_ignored"]-s["refused_resend_request_ignored"]+
+			d["retransmitted_frames"]-s["retransmitted_frames"] >= asks-5
+	})
+	d := stats(t, e.a)
+	sent := d["retransmitted_frames"] - s["retransmitted_frames"]
+	if sent > 5 {
+		t.Fatalf("%d requests to send again made node-a resend %d frames", asks, sent)
+	}
+	if sent == 0 {
+		t.Fatal("node-a honoured no request to send again")
+	}
+}

@@ -606,10 +606,20 @@ func (a *Agent) handleCredit(car carrier, m *wire.Credit) {
 	if ch.finQueued && m.Ack > ch.finSeq {
 		ch.finAcked = true
 	}
+	// A request to send again is honoured once for each place in the
+	// stream, or again after a retransmission timeout: a peer cannot make
+	// us resend a window for every small message it sends.
+	resend := m.Flags&wire.FlagResend != 0 && len(ch.rtx) > 0 &&
+		(m.Ack != ch.resentAck || time.Since(ch.resentAt) >= ch.timer.base())
+	if resend {
+		ch.resentAck, ch.resentAt = m.Ack, time.Now()
+	}
 	ch.smu.Unlock()
 	signal(ch.creditSig)
-	if m.Flags&wire.FlagResend != 0 {
+	if resend {
 		a.goRun(ch.resend)
+	} else if m.Flags&wire.FlagResend != 0 {
+		a.counters.refuse("resend_request_ignored")
 	}
 	ch.checkDone()
 }
