@@ -124,7 +124,8 @@ func New(cfg *config.Config, log *slog.Logger) (*Agent, error) {
 		localConns: map[*net.UnixConn]struct{}{},
 	}
 	a.budget = newBudget(int64(cfg.Limits.Memory), int64(cfg.Limits.Memory)/8)
-	a.self = &selfCarrier{a: a, bud: a.peerBudget(), pending: make(chan struct{}, maxAccepting)}
+	a.self = &selfCarrier{a: a, bud: a.peerBudget(), pending: make(chan struct{}, maxAccepting),
+		answers: make(chan struct{}, maxReplies)}
 	a.policy.Store(cfg.Policy)
 	a.linkCfg = &link.Config{
 		Private:          nodeKey[:32],

@@ -75,6 +75,8 @@ type hostile struct {
 	done   chan struct{} // closed when Serve returned
 	served error
 
+	block chan struct{} // if set, reading waits until it is closed
+
 	mu   sync.Mutex
 	ctl  [][]byte // every control message node-a sent, in order
 	data [][]byte // every data frame node-a sent, in order
@@ -82,6 +84,9 @@ type hostile struct {
 }
 
 func (h *hostile) HandleControl(_ *link.Link, msg []byte) {
+	if h.block != nil {
+		<-h.block
+	}
 	h.mu.Lock()
 	h.ctl = append(h.ctl, bytes.Clone(msg))
 	h.mu.Unlock()
