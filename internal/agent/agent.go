@@ -1,4 +1,4 @@
-// Package agent is the trusted per-node agent (DESIGN.md §1): it holds the
+// Package agent is the trusted per-node agent (docs/design.md): it holds the
 // node's key, keeps one authenticated link to each peer agent, and serves
 // the admin socket.
 package agent

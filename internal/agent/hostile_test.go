@@ -33,7 +33,7 @@ import (
 // with node-c's identity and speaks the channel protocol by hand, sealing
 // and mutating data frames itself. node-a is a real agent; a Go client
 // listens on node-a/db/sink and is what must receive nothing but the
-// frames that pass every check of DESIGN.md §5.
+// frames that pass every check of the receive path (docs/design.md).
 
 // hostileWindow is node-a's channel window in these tests (config minimum).
 const hostileWindow = 64<<10 + 64

@@ -16,7 +16,7 @@ import (
 	"sinc.dev/sinc/internal/wire"
 )
 
-// Channel open (DESIGN.md §5, claims 1, 8, 10, 11):
+// Channel open (docs/design.md; claims 1, 8, 10, 11):
 //
 //	dialing agent A                            accepting agent B
 //	check policy, pick index iA, key kA
