@@ -9,12 +9,9 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"io"
 	"math"
 	"os"
-	"path/filepath"
 	"slices"
-	"syscall"
 	"time"
 )
 
@@ -217,27 +214,9 @@ func ParseRevocations(data []byte, v *Verifier) (*Revocations, error) {
 // must be a regular file of at most MaxRevocationsFileSize bytes (a FIFO
 // put in its place must not hang the reader).
 func LoadRevocations(path string, v *Verifier) (*Revocations, error) {
-	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
+	data, err := readRegularFile(path, MaxRevocationsFileSize)
 	if err != nil {
 		return nil, err
-	}
-	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return nil, err
-	}
-	if !st.Mode().IsRegular() {
-		return nil, fmt.Errorf("%s: not a regular file (%s)", path, st.Mode().Type())
-	}
-	if st.Size() > MaxRevocationsFileSize {
-		return nil, fmt.Errorf("%s: %d bytes, more than %d", path, st.Size(), MaxRevocationsFileSize)
-	}
-	data, err := io.ReadAll(io.LimitReader(f, MaxRevocationsFileSize+1))
-	if err != nil {
-		return nil, err
-	}
-	if len(data) > MaxRevocationsFileSize { // it grew since Stat
-		return nil, fmt.Errorf("%s: more than %d bytes", path, MaxRevocationsFileSize)
 	}
 	r, err := ParseRevocations(data, v)
 	if err != nil {
@@ -251,34 +230,7 @@ func LoadRevocations(path string, v *Verifier) (*Revocations, error) {
 // new file survives a crash (a temporary file in the same folder, synced,
 // renamed over path, then the folder synced).
 func (r *Revocations) WriteFile(path string, perm os.FileMode) error {
-	dir := filepath.Dir(path)
-	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name()) // fails harmlessly once renamed
-	_, err = tmp.Write(r.EncodePEM())
-	if err == nil {
-		err = tmp.Chmod(perm)
-	}
-	if err == nil {
-		err = tmp.Sync()
-	}
-	if cerr := tmp.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return err
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return err
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
+	return writeFileAtomic(path, r.EncodePEM(), perm)
 }
 
 // ParseFingerprint reads a hex fingerprint.
