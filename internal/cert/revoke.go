@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"math"
 	"os"
+	"path/filepath"
 	"slices"
 	"time"
 )
@@ -254,24 +255,45 @@ func ParseFingerprint(s string) (Fingerprint, error) {
 // copy the newest list back first (each agent keeps one in its state
 // folder).
 func Revoke(caDir, path string, nodes []string, fps []Fingerprint, now time.Time) (*Revocations, error) {
+	ca, err := LoadCertificate(filepath.Join(caDir, CACertFile))
+	if err != nil {
+		return nil, err
+	}
+	v, err := NewVerifier(ca, now)
+	if err != nil {
+		return nil, err
+	}
+	old := &Revocations{}
+	if _, err := os.Stat(path); err == nil {
+		if old, err = LoadRevocations(path, v); err != nil {
+			return nil, fmt.Errorf("the existing list: %w", err)
+		}
+	}
+	if old.Serial == math.MaxUint64 {
+		return nil, fmt.Errorf("the existing list %s has the last serial, %d", path, old.Serial)
+	}
+	r, err := SignRevocations(caDir, old.Serial+1, append(slices.Clone(old.Nodes), nodes...),
+		append(slices.Clone(old.Fingerprints), fps...), now)
+	if err != nil {
+		return nil, err
+	}
+	// Replace the file whole, so an agent never reads half a list.
+	return r, r.WriteFile(path, 0o644)
+}
+
+// SignRevocations signs a list of nodes and fingerprints (each kept once,
+// in the order given) with the CA in caDir under serial. The caller chooses
+// the serial: one more than the newest list it knows of.
+func SignRevocations(caDir string, serial uint64, nodes []string, fps []Fingerprint, now time.Time) (*Revocations, error) {
+	if serial == 0 {
+		return nil, errors.New("revocation list serial 0: serials start at 1")
+	}
 	ca, key, err := LoadCA(caDir, now)
 	if err != nil {
 		return nil, err
 	}
 	defer clear(key)
-	v, err := NewVerifier(ca, now)
-	if err != nil {
-		return nil, err
-	}
-	r := &Revocations{}
-	if _, err := os.Stat(path); err == nil {
-		if r, err = LoadRevocations(path, v); err != nil {
-			return nil, fmt.Errorf("the existing list: %w", err)
-		}
-	}
-	if r.Serial == math.MaxUint64 {
-		return nil, fmt.Errorf("the existing list %s has the last serial, %d", path, r.Serial)
-	}
+	r := &Revocations{Serial: serial, Issued: now.Truncate(time.Second)}
 	for _, n := range nodes {
 		if err := ValidName(n); err != nil {
 			return nil, fmt.Errorf("node: %w", err)
@@ -288,10 +310,7 @@ func Revoke(caDir, path string, nodes []string, fps []Fingerprint, now time.Time
 	if r.Len() > MaxRevocations {
 		return nil, fmt.Errorf("the list would have %d entries, more than %d", r.Len(), MaxRevocations)
 	}
-	r.Serial++
-	r.Issued = now.Truncate(time.Second)
 	body := r.encode(ca.Fingerprint())
 	r.raw = append(body, ed25519.Sign(key, body)...)
-	// Replace the file whole, so an agent never reads half a list.
-	return r, r.WriteFile(path, 0o644)
+	return r, nil
 }
