@@ -175,8 +175,8 @@ func (p *publisher) publish(key string, next func(current []byte) (doc []byte, s
 		if err != nil {
 			return nil, err
 		}
-		if len(doc) > registry.MaxValueSize {
-			return nil, fmt.Errorf("the signed document is %d bytes, more than the registry's bound of %d: agents would refuse it", len(doc), registry.MaxValueSize)
+		if bound := p.layout.Bound(key); len(doc) > bound {
+			return nil, fmt.Errorf("the signed document is %d bytes, more than the registry's bound of %d: agents would refuse it", len(doc), bound)
 		}
 		if err := save(); err != nil {
 			return nil, err
