@@ -114,7 +114,7 @@ func (e *exposer) serve(ctx context.Context, l *sinc.Listener) error {
 			"from_uid", info.RemoteProcess.UID, "from_pid", info.RemoteProcess.PID, "conn", info.ID}
 		if !e.slots.tryAcquire() {
 			e.log.Warn("channel refused: too many connections", append(from, "service", l.Addr().String(), "max_conns", cap(e.slots))...)
-			c.Abort(fmt.Sprintf("sinc expose: %d connections already, the most it relays", cap(e.slots)))
+			c.Abort(fmt.Sprintf("sinc expose: at its limit of %d connections (--max-conns)", cap(e.slots)))
 			continue
 		}
 		wg.Add(1)

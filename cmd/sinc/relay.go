@@ -35,6 +35,7 @@ import (
 	"net"
 	"strings"
 	"sync"
+	"time"
 
 	"sinc.dev/sinc"
 	"sinc.dev/sinc/internal/logx"
@@ -130,9 +131,10 @@ func relay(ctx context.Context, local, channel side) relayResult {
 	}
 	stop := context.AfterFunc(ctx, func() { failBoth(errStopping) })
 	defer stop()
+	upDone, downDone := make(chan struct{}), make(chan struct{})
 	wg.Add(2)
-	go func() { defer wg.Done(); res.up = copyHalf(channel, local, failBoth) }()
-	go func() { defer wg.Done(); res.down = copyHalf(local, channel, failBoth) }()
+	go func() { defer wg.Done(); defer close(upDone); res.up = copyHalf(channel, local, failBoth, downDone) }()
+	go func() { defer wg.Done(); defer close(downDone); res.down = copyHalf(local, channel, failBoth, upDone) }()
 	wg.Wait()
 	once.Do(func() { // both directions ended cleanly
 		local.Close()
@@ -142,13 +144,18 @@ func relay(ctx context.Context, local, channel side) relayResult {
 	return res
 }
 
+// writeFailWait bounds how long a direction whose write failed waits for
+// the other direction to report why.
+const writeFailWait = time.Second
+
 // errStopping fails the relays of a forwarder or an exposer that stops.
 var errStopping = errors.New("the relay is stopping")
 
 // copyHalf copies src to dst until src's clean end, which it passes on as
-// dst.CloseWrite, or a failure, which it passes to fail. It returns the
-// bytes written to dst.
-func copyHalf(dst, src side, fail func(error)) int64 {
+// dst.CloseWrite, or a failure, which it passes to fail. reverse is closed
+// when the other direction, the one that reads dst, has ended. It returns
+// the bytes written to dst.
+func copyHalf(dst, src side, fail func(error), reverse <-chan struct{}) int64 {
 	buf := make([]byte, relayBuffer)
 	var n int64
 	for {
@@ -157,6 +164,15 @@ func copyHalf(dst, src side, fail func(error)) int64 {
 			w, werr := dst.Write(buf[:k])
 			n += int64(w)
 			if werr != nil {
+				// A reader learns why a connection ended better than a
+				// writer does (a channel's reason comes in a record the
+				// writer never sees; TCP says ECONNRESET to a read,
+				// EPIPE to a write): give the other direction, which
+				// reads dst, a moment to fail first with that.
+				select {
+				case <-reverse:
+				case <-time.After(writeFailWait):
+				}
 				fail(fmt.Errorf("%v: write: %w", dst, werr))
 				return n
 			}
