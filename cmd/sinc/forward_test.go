@@ -52,6 +52,12 @@ func init() {
 // both configs) and partition settings, starts both agents and waits for
 // their link.
 func startPair(t *testing.T, rules string, partExtra map[string]string) (a, b *cluster.Node) {
+	a, b, _ = startPairProcs(t, rules, partExtra)
+	return a, b
+}
+
+// startPairProcs is startPair that also returns the agent processes.
+func startPairProcs(t *testing.T, rules string, partExtra map[string]string) (a, b *cluster.Node, procs []*cluster.Process) {
 	t.Helper()
 	c, err := cluster.Make(shortTemp(t), []cluster.NodeSpec{
 		{Name: "node-a", Partitions: []string{"web"}, Extra: rules, PartitionExtra: map[string]string{"web": partExtra["web"]}},
@@ -60,7 +66,7 @@ func startPair(t *testing.T, rules string, partExtra map[string]string) (a, b *c
 	if err != nil {
 		t.Fatal(err)
 	}
-	procs := startAgents(t, c)
+	procs = startAgents(t, c)
 	t.Cleanup(func() {
 		if t.Failed() {
 			for _, p := range procs {
@@ -72,7 +78,7 @@ func startPair(t *testing.T, rules string, partExtra map[string]string) (a, b *c
 	a, b = c.Nodes["node-a"], c.Nodes["node-b"]
 	waitState(t, a, "node-b", "up", 10*time.Second)
 	waitState(t, b, "node-a", "up", 10*time.Second)
-	return a, b
+	return a, b, procs
 }
 
 // allowRules lets node-a/web reach each of services on node-b/db.
@@ -382,10 +388,10 @@ func refusedAtOnce(t *testing.T, network, addr, first string) {
 // through sinc forward and sinc expose between real agents as a program
 // would see them over one TCP connection.
 func TestForwardExpose(t *testing.T) {
-	a, b := startPair(t, allowRules("pg", "down", "one"), nil)
+	a, b, agents := startPairProcs(t, allowRules("pg", "down", "one"), nil)
 	web, db := a.Partitions["web"], b.Partitions["db"]
 	ts := startTarget(t)
-	expose(t, db, "pg", ts.addr())
+	exposer := expose(t, db, "pg", ts.addr())
 	fwd := forward(t, web, "127.0.0.1:0", "node-b/db/pg")
 
 	t.Run("bytes both ways and half-close", func(t *testing.T) {
@@ -549,6 +555,25 @@ func TestForwardExpose(t *testing.T) {
 		if code != 2 || !strings.Contains(errs, "not node/partition/service") {
 			t.Errorf("forward to a bad address: exit %d, %q", code, errs)
 		}
+	})
+
+	// Last: it stops node-b's agent.
+	t.Run("the agent of the exposer stops", func(t *testing.T) {
+		if err := agents[1].Stop(5 * time.Second); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-exposer.done:
+		case <-time.After(5 * time.Second):
+			t.Fatal("the exposer did not exit when its agent stopped")
+		}
+		var ee *exec.ExitError
+		if !errors.As(exposer.err, &ee) || ee.ExitCode() != 1 || !strings.Contains(exposer.log.String(), "agent_gone") {
+			t.Fatalf("the exposer exited with %v; want status 1 and agent_gone:\n%s", exposer.err, exposer.log)
+		}
+		// The forwarder stays, and refuses at once while node-b is down.
+		refusedAtOnce(t, "tcp", fwd.addr(t), "sum\n")
+		fwd.waitLog(t, 5*time.Second, "channel refused: node_unreachable")
 	})
 }
 
