@@ -23,6 +23,11 @@ package main
 //     write).
 //   - The context ending (the forwarder stops) fails both sides.
 //
+// A side is read only while its direction lasts: a reset that reaches a
+// side after its clean end is seen when the relay next writes to it, and
+// then fails both (over one TCP connection, too, the peer learns it only
+// when it writes).
+//
 // relay returns when both directions have ended, after closing both sides;
 // no goroutine outlives it.
 
