@@ -34,6 +34,13 @@ commands:
                        stdout are its two directions (netcat-like)
   listen SERVICE [--socket PATH] [--exec CMD]
                        accept a channel (or, with --exec, run CMD for each)
+  forward LISTEN ADDR [--socket PATH] [--mode M --owner U --group G]
+                       relay each connection to a Unix socket or a loopback
+                       TCP port (any local user can use a TCP port) to a
+                       channel to ADDR (node/partition/service)
+  expose SERVICE TARGET [--socket PATH]
+                       relay each channel to SERVICE to a TCP address or a
+                       Unix socket
   conns [--socket PATH | --admin PATH] [--json]
                        the connection table: a partition's rows, or all
   stats --admin PATH [--json]
@@ -61,6 +68,10 @@ var commands = map[string]command{
 	"bench":  runBench,
 	// bench-worker is the benchmark's server and client processes.
 	"bench-worker": runBenchWorker,
+
+	// Unmodified programs: relays between local sockets and channels.
+	"forward": runForward,
+	"expose":  runExpose,
 }
 
 func main() {
