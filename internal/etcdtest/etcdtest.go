@@ -12,9 +12,14 @@
 // Member lifecycle (one goroutine per running process, which only waits for it
 // to exit; all other state is under Cluster.mu):
 //
-//	stopped --start--> running --Kill/Stop--> stopped
-//	                      |
-//	                      +--exits on its own--> exited (WaitHealthy reports it)
+//	state     event                   next
+//	stopped   Start/Restart/StartAll  running
+//	running   Kill (SIGKILL)          stopped
+//	running   Stop/StopAll (SIGTERM)  stopped
+//	running   Freeze (SIGSTOP)        frozen: connections open, no answers
+//	frozen    Thaw (SIGCONT)          running
+//	frozen    Kill/Stop               stopped
+//	running   exits on its own        exited: WaitHealthy reports it
 //
 // Processes are started with Pdeathsig so that a test binary that dies
 // without running its cleanups takes its etcd members with it.
@@ -308,6 +313,7 @@ func (c *Cluster) stop(i int, sig syscall.Signal) {
 		return
 	}
 	p.cmd.Process.Signal(sig)
+	p.cmd.Process.Signal(syscall.SIGCONT) // a frozen member must see it
 	select {
 	case <-p.done:
 	case <-time.After(stopTimeout):
@@ -329,6 +335,22 @@ func (c *Cluster) Kill(i int) { c.stop(i, syscall.SIGKILL) }
 // Stop ends member i with SIGTERM, as a clean shutdown would, and waits for it
 // to exit.
 func (c *Cluster) Stop(i int) { c.stop(i, syscall.SIGTERM) }
+
+// Freeze stops member i's process with SIGSTOP: it keeps its connections
+// open but answers nothing, as a hung machine would. Thaw resumes it; Kill,
+// Stop and the cleanup end a frozen member too.
+func (c *Cluster) Freeze(i int) { c.signal(i, syscall.SIGSTOP) }
+
+// Thaw resumes a frozen member with SIGCONT.
+func (c *Cluster) Thaw(i int) { c.signal(i, syscall.SIGCONT) }
+
+func (c *Cluster) signal(i int, sig syscall.Signal) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if p := c.member(i).proc; p != nil {
+		p.cmd.Process.Signal(sig)
+	}
+}
 
 // Restart starts member i again with its data directory and ports (stopping
 // it first if it runs). It does not wait for health: see WaitHealthy.

@@ -258,3 +258,24 @@ func TestCleanupLeavesNoProcess(t *testing.T) {
 		}
 	}
 }
+
+// TestFreeze: a frozen member answers nothing; thawed, it answers again; a
+// frozen member is still stopped by Kill.
+func TestFreeze(t *testing.T) {
+	c := Start(t, 1)
+	cli := c.Client(t)
+	c.Freeze(0)
+	if _, err := cli.Get(ctxT(t, 300*time.Millisecond), "/k"); err == nil {
+		t.Fatal("a frozen member answered")
+	}
+	c.Thaw(0)
+	if _, err := cli.Get(ctxT(t, 5*time.Second), "/k"); err != nil {
+		t.Fatalf("thawed member: %v", err)
+	}
+	c.Freeze(0)
+	start := time.Now()
+	c.Stop(0)
+	if d := time.Since(start); d > 5*time.Second {
+		t.Fatalf("stopping a frozen member took %v", d)
+	}
+}
