@@ -30,7 +30,7 @@ func (e *Etcd) followDocs(ctx context.Context, s Sink) {
 		rev, err := e.readDocs(ctx, s)
 		if err != nil {
 			var ok bool
-			if wait, ok = backoff(ctx, wait, followBackoffMax); !ok {
+			if wait, ok = backoffWait(ctx, wait, followBackoffMax); !ok {
 				return
 			}
 			continue
@@ -45,7 +45,7 @@ func (e *Etcd) followDocs(ctx context.Context, s Sink) {
 func (e *Etcd) readDocs(ctx context.Context, s Sink) (int64, error) {
 	var resp *clientv3.TxnResponse
 	err := e.retry(ctx, "read the revocation list and the policy", func(ctx context.Context) (err error) {
-		resp, err = e.cli.Txn(ctx).Then(clientv3.OpGet(e.keys.revocations()), clientv3.OpGet(e.keys.policy())).Commit()
+		resp, err = e.cli.Txn(ctx).Then(clientv3.OpGet(e.keys.Revocations()), clientv3.OpGet(e.keys.Policy())).Commit()
 		return err
 	})
 	if err != nil {
@@ -65,15 +65,15 @@ func (e *Etcd) readDocs(ctx context.Context, s Sink) (int64, error) {
 // deliver hands one document to s, unless it is too large.
 func (e *Etcd) deliver(s Sink, kv *mvccpb.KeyValue) {
 	key := string(kv.Key)
-	if len(kv.Value) > MaxDocument {
-		e.log.Warn("registry document refused: too large", "key", key, "bytes", len(kv.Value), "limit", MaxDocument)
+	if len(kv.Value) > MaxValueSize {
+		e.log.Warn("registry document refused: too large", "key", key, "bytes", len(kv.Value), "limit", MaxValueSize)
 		return
 	}
 	source := "etcd " + key + " (revision " + strconv.FormatInt(kv.ModRevision, 10) + ")"
 	switch key {
-	case e.keys.revocations():
+	case e.keys.Revocations():
 		s.Revocations(kv.Value, source)
-	case e.keys.policy():
+	case e.keys.Policy():
 		s.Policy(kv.Value, source)
 	}
 }
@@ -83,8 +83,8 @@ func (e *Etcd) deliver(s Sink, kv *mvccpb.KeyValue) {
 func (e *Etcd) watchDocs(ctx context.Context, s Sink, rev int64) {
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	defer cancel()
-	revs := e.cli.Watch(wctx, e.keys.revocations(), clientv3.WithRev(rev+1))
-	pols := e.cli.Watch(wctx, e.keys.policy(), clientv3.WithRev(rev+1))
+	revs := e.cli.Watch(wctx, e.keys.Revocations(), clientv3.WithRev(rev+1))
+	pols := e.cli.Watch(wctx, e.keys.Policy(), clientv3.WithRev(rev+1))
 	every := e.cfg.DocsEvery
 	again := time.NewTimer(every*3/4 + rand.N(every/2+1))
 	defer again.Stop()

@@ -36,7 +36,7 @@ import (
 type Etcd struct {
 	cli  *clientv3.Client
 	cfg  EtcdConfig
-	keys keys
+	keys Layout
 	log  *slog.Logger
 	view *view
 
@@ -73,25 +73,25 @@ type Self struct {
 	CertPEM []byte
 }
 
-// MaxDocument bounds the values other than records that readers take:
-// certificates, the revocation list and the policy.
-const MaxDocument = 64 << 10
-
 // listPage is how many records one request of a listing returns.
 const listPage = 500
 
 // NewEtcd returns the etcd backend on cli. It does nothing until Run.
-func NewEtcd(cli *clientv3.Client, cfg EtcdConfig, self Self, log *slog.Logger) *Etcd {
+func NewEtcd(cli *clientv3.Client, cfg EtcdConfig, self Self, log *slog.Logger) (*Etcd, error) {
 	if cfg.DocsEvery <= 0 {
 		cfg.DocsEvery = 30 * time.Second
 	}
+	keys, err := NewLayout(cfg.Prefix)
+	if err != nil {
+		return nil, err
+	}
 	return &Etcd{
-		cli: cli, cfg: cfg, keys: newKeys(cfg.Prefix), log: log.With("registry", "etcd"), view: newView(),
+		cli: cli, cfg: cfg, keys: keys, log: log.With("registry", "etcd"), view: newView(),
 		self:    self,
 		status:  Status{Backend: "etcd", Endpoints: cfg.Endpoints, LeaseTTL: int64(cfg.LeaseTTL / time.Second), Since: time.Now()},
 		changed: make(chan struct{}, 1),
 		gone:    make(chan struct{}, 1),
-	}
+	}, nil
 }
 
 // SetSelf changes what this agent publishes (its certificate was
@@ -149,7 +149,7 @@ func (e *Etcd) Status() Status {
 func (e *Etcd) Refresh(ctx context.Context, name string) (Node, bool, error) {
 	var resp *clientv3.GetResponse
 	err := e.retry(ctx, "read the record of "+name, func(ctx context.Context) (err error) {
-		resp, err = e.cli.Get(ctx, e.keys.node(name))
+		resp, err = e.cli.Get(ctx, e.keys.Node(name))
 		return err
 	})
 	if err != nil {
@@ -172,18 +172,18 @@ func (e *Etcd) Refresh(ctx context.Context, name string) (Node, bool, error) {
 func (e *Etcd) Certificate(ctx context.Context, name string) ([]byte, error) {
 	var resp *clientv3.GetResponse
 	err := e.retry(ctx, "read the certificate of "+name, func(ctx context.Context) (err error) {
-		resp, err = e.cli.Get(ctx, e.keys.cert(name))
+		resp, err = e.cli.Get(ctx, e.keys.Cert(name))
 		return err
 	})
 	if err != nil {
 		return nil, err
 	}
 	if len(resp.Kvs) == 0 {
-		return nil, fmt.Errorf("registry has no certificate for %s (%s)", name, e.keys.cert(name))
+		return nil, fmt.Errorf("registry has no certificate for %s (%s)", name, e.keys.Cert(name))
 	}
 	v := resp.Kvs[0].Value
-	if len(v) > MaxDocument {
-		return nil, fmt.Errorf("registry's certificate for %s is %d bytes, more than %d", name, len(v), MaxDocument)
+	if len(v) > MaxValueSize {
+		return nil, fmt.Errorf("registry's certificate for %s is %d bytes, more than %d", name, len(v), MaxValueSize)
 	}
 	return v, nil
 }
@@ -249,17 +249,20 @@ func (e *Etcd) reachable() {
 	}
 }
 
-// refused logs a record that does not parse.
+// refused logs a record that does not parse (name: of its key, as given).
 func (e *Etcd) refused(name string, err error) {
+	if len(name) > 80 {
+		name = name[:80] + "…"
+	}
 	e.mu.Lock()
 	e.status.Refused++
 	e.mu.Unlock()
-	e.log.Warn("registry record refused: the node is unknown until its record parses", "node", name, "err", err)
+	e.log.Warn("registry record refused: the node is unknown until its record parses", "peer", name, "err", err)
 }
 
-// backoff waits d (jittered over its upper half) or until ctx is done, and
+// backoffWait waits d (jittered over its upper half) or until ctx is done, and
 // returns the next wait, doubled up to max.
-func backoff(ctx context.Context, d, max time.Duration) (time.Duration, bool) {
+func backoffWait(ctx context.Context, d, max time.Duration) (time.Duration, bool) {
 	select {
 	case <-time.After(d/2 + rand.N(d/2+1)):
 	case <-ctx.Done():

@@ -10,9 +10,6 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/zap"
-	"google.golang.org/grpc"
-	grpcbackoff "google.golang.org/grpc/backoff"
 
 	"sinc.dev/sinc/internal/etcdtest"
 	"sinc.dev/sinc/internal/link"
@@ -77,17 +74,10 @@ func (s *sink) names() string {
 	return strings.Join(ns, ",")
 }
 
-// testClient is a client of endpoints with gRPC's reconnect backoff capped
-// at half a second.
+// testClient is a client of endpoints as an agent makes it.
 func testClient(t testing.TB, endpoints ...string) *clientv3.Client {
 	t.Helper()
-	cli, err := clientv3.New(clientv3.Config{
-		Endpoints: endpoints, DialTimeout: 2 * time.Second, Logger: zap.NewNop(),
-		DialOptions: []grpc.DialOption{grpc.WithConnectParams(grpc.ConnectParams{
-			Backoff:           grpcbackoff.Config{BaseDelay: 50 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 500 * time.Millisecond},
-			MinConnectTimeout: time.Second,
-		})},
-	})
+	cli, err := NewClient(ClientConfig{Endpoints: endpoints, DialTimeout: 2 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -123,8 +113,11 @@ func startBackend(t *testing.T, cli *clientv3.Client, prefix, name string) *runn
 	t.Helper()
 	var logs syncBuffer
 	log := slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug})).With("node", name)
-	e := NewEtcd(cli, EtcdConfig{Prefix: prefix, RequestTimeout: 500 * time.Millisecond, LeaseTTL: testTTL, DocsEvery: time.Second},
+	e, err := NewEtcd(cli, EtcdConfig{Prefix: prefix, RequestTimeout: 500 * time.Millisecond, LeaseTTL: testTTL, DocsEvery: time.Second},
 		selfOf(name, "127.0.0.1:7701"), log)
+	if err != nil {
+		t.Fatal(err)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	r := &running{Etcd: e, sink: newSink(), cancel: cancel, done: make(chan struct{}), log: &logs}
 	go func() {
@@ -271,14 +264,14 @@ func TestEtcdPoisonedRecords(t *testing.T) {
 	}
 	putKey(t, cli, "/t2/nodes/node-c", string(good))
 	b := startBackend(t, testClient(t, ec.Endpoints()...), "/t2", "node-b")
-	within(t, 3*time.Second, "node-c listed", func() bool { return b.sink.has("node-c") })
+	within(t, 3*time.Second, "node-c listed", func() bool { return b.sink.has("node-c") && b.sink.has("node-b") })
 	if got := b.sink.names(); got != "node-b,node-c" && got != "node-c,node-b" {
 		t.Errorf("nodes %s, want node-b and node-c", got)
 	}
 	if st := b.Status(); st.Refused != uint64(len(bad)) {
 		t.Errorf("refused %d records, want %d", st.Refused, len(bad))
 	}
-	for _, want := range []string{"node=garbage", "node=huge", "node=unknown", "node=bad/name"} {
+	for _, want := range []string{"peer=garbage", "peer=huge", "peer=unknown", "peer=bad/name"} {
 		if !strings.Contains(b.log.String(), want) {
 			t.Errorf("no log line for %s", want)
 		}
@@ -389,7 +382,7 @@ func TestEtcdDocuments(t *testing.T) {
 		t.Errorf("a deleted list was delivered: %d deliveries, was %d", r, nr)
 	}
 	// Too large: refused with a log line.
-	putKey(t, cli, "/t5/policy", strings.Repeat("x", MaxDocument+1))
+	putKey(t, cli, "/t5/policy", strings.Repeat("x", MaxValueSize+1))
 	within(t, 3*time.Second, "the log says the policy is too large", func() bool {
 		return strings.Contains(b.log.String(), "registry document refused: too large")
 	})

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
@@ -41,7 +42,7 @@ func (e *Etcd) followNodes(ctx context.Context, s Sink) {
 			r, err := e.list(ctx, s)
 			if err != nil {
 				var ok bool
-				if wait, ok = backoff(ctx, wait, followBackoffMax); !ok {
+				if wait, ok = backoffWait(ctx, wait, followBackoffMax); !ok {
 					return
 				}
 				continue
@@ -64,7 +65,7 @@ func (e *Etcd) followNodes(ctx context.Context, s Sink) {
 		}
 		e.log.Debug("registry: the nodes' watch ended; watching again", "revision", rev, "err", err)
 		var ok bool
-		if wait, ok = backoff(ctx, wait, followBackoffMax); !ok {
+		if wait, ok = backoffWait(ctx, wait, followBackoffMax); !ok {
 			return
 		}
 	}
@@ -73,7 +74,7 @@ func (e *Etcd) followNodes(ctx context.Context, s Sink) {
 // list reads every record and makes the view that listing, telling s of
 // each change. It returns the listing's revision.
 func (e *Etcd) list(ctx context.Context, s Sink) (int64, error) {
-	prefix := e.keys.nodes()
+	prefix := e.keys.Nodes()
 	end := clientv3.GetPrefixRangeEnd(prefix)
 	from, rev := prefix, int64(0)
 	seen := map[string]bool{}
@@ -95,7 +96,7 @@ func (e *Etcd) list(ctx context.Context, s Sink) (int64, error) {
 			rev = resp.Header.Revision
 		}
 		for _, kv := range resp.Kvs {
-			name := e.keys.nodeName(kv.Key)
+			name := nameOf(e.keys, kv.Key)
 			n, err := ParseRecord(name, kv.Value)
 			if err != nil {
 				e.refused(name, err)
@@ -131,7 +132,7 @@ func (e *Etcd) list(ctx context.Context, s Sink) (int64, error) {
 func (e *Etcd) watch(ctx context.Context, s Sink, rev int64) (int64, error) {
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	defer cancel()
-	wc := e.cli.Watch(wctx, e.keys.nodes(), clientv3.WithPrefix(), clientv3.WithRev(rev+1))
+	wc := e.cli.Watch(wctx, e.keys.Nodes(), clientv3.WithPrefix(), clientv3.WithRev(rev+1))
 	for resp := range wc {
 		if err := resp.Err(); err != nil {
 			return rev, err
@@ -152,7 +153,7 @@ func (e *Etcd) watch(ctx context.Context, s Sink, rev int64) (int64, error) {
 
 // apply takes one event of the nodes' watch into the view.
 func (e *Etcd) apply(s Sink, ev *clientv3.Event) {
-	name := e.keys.nodeName(ev.Kv.Key)
+	name := nameOf(e.keys, ev.Kv.Key)
 	if ev.Type == mvccpb.DELETE {
 		if name == e.selfName() {
 			poke(e.gone)
@@ -180,3 +181,7 @@ func (e *Etcd) selfName() string {
 	defer e.mu.Unlock()
 	return e.self.Node.Name
 }
+
+// nameOf returns the name in a record's key as given, for ParseRecord to
+// check (and the log to show).
+func nameOf(l Layout, key []byte) string { return strings.TrimPrefix(string(key), l.Nodes()) }

@@ -50,7 +50,7 @@ func (e *Etcd) publish(ctx context.Context, _ Sink) {
 			}
 			e.log.Info("registry: publishing this node failed; trying again", "err", err, "retry_in", wait)
 			var ok bool
-			if wait, ok = backoff(ctx, wait, publishBackoffMax); !ok {
+			if wait, ok = backoffWait(ctx, wait, publishBackoffMax); !ok {
 				return
 			}
 			continue
@@ -101,8 +101,8 @@ func (e *Etcd) put(ctx context.Context, id clientv3.LeaseID) error {
 	name := self.Node.Name
 	err = e.retry(ctx, "put the record of "+name, func(ctx context.Context) error {
 		_, err := e.cli.Txn(ctx).Then(
-			clientv3.OpPut(e.keys.cert(name), string(self.CertPEM), clientv3.WithLease(id)),
-			clientv3.OpPut(e.keys.node(name), string(rec), clientv3.WithLease(id)),
+			clientv3.OpPut(e.keys.Cert(name), string(self.CertPEM), clientv3.WithLease(id)),
+			clientv3.OpPut(e.keys.Node(name), string(rec), clientv3.WithLease(id)),
 		).Commit()
 		return err
 	})

@@ -15,7 +15,7 @@ import (
 
 // A node record, the value at <prefix>/nodes/<name>, put by the node's own
 // agent under its lease and watched by every agent. It is small on
-// purpose — every agent receives every change of every record — and
+// purpose (at most MaxRecordSize bytes) — every agent receives every change of every record — and
 // carries no certificate, only the fingerprint of the one the node's
 // agent presents (the certificate is at <prefix>/certs/<name>, read when
 // a link is made):
@@ -25,14 +25,11 @@ import (
 //
 // The node's name is the key's last segment, never a field: a record
 // cannot speak for another key. Readers accept exactly this: at most
-// MaxRecord bytes, one JSON object with these four fields spelt exactly so
+// MaxRecordSize bytes, one JSON object with these four fields spelt exactly so
 // and no other, version 1, 1 to config.MaxAdvertise addresses each a
 // dialable host:port, the instance and fingerprint in lowercase hex of
 // their length. Anything else is refused whole, with an error that says
 // what was wrong.
-
-// MaxRecord bounds a node record.
-const MaxRecord = 1024
 
 // RecordVersion is the record version this package writes and reads.
 const RecordVersion = 1
@@ -65,8 +62,8 @@ func ParseRecord(name string, data []byte) (Node, error) {
 	if err := cert.ValidName(name); err != nil {
 		return Node{}, fmt.Errorf("key: %w", err)
 	}
-	if len(data) > MaxRecord {
-		return Node{}, fmt.Errorf("record is %d bytes, more than %d", len(data), MaxRecord)
+	if len(data) > MaxRecordSize {
+		return Node{}, fmt.Errorf("record is %d bytes, more than %d", len(data), MaxRecordSize)
 	}
 	// Field names are matched exactly (encoding/json alone would take
 	// "Addresses" for addresses, and the last of a field given twice).

@@ -45,7 +45,7 @@ func TestRecordRoundTrip(t *testing.T) {
 		big.Addresses = append(big.Addresses, "["+strings.Repeat("ffff:", 7)+"ffff%"+strconv.Itoa(i)+"]:65535")
 	}
 	// Zone names make the addresses as long as net.SplitHostPort allows.
-	if b, err := EncodeRecord(big); err != nil || len(b) > MaxRecord {
+	if b, err := EncodeRecord(big); err != nil || len(b) > MaxRecordSize {
 		t.Fatalf("largest record: %d bytes, %v", len(b), err)
 	}
 }
@@ -62,7 +62,7 @@ func TestRecordRefused(t *testing.T) {
 		{"empty", "node-a", "", "not a JSON object"},
 		{"null", "node-a", "null", "not a JSON object"},
 		{"array", "node-a", "[1]", "not a JSON object"},
-		{"huge", "node-a", repl(`"v":1`, `"v":1`+strings.Repeat(" ", MaxRecord)), "more than 1024"},
+		{"huge", "node-a", repl(`"v":1`, `"v":1`+strings.Repeat(" ", MaxRecordSize)), "more than 1024"},
 		{"trailing", "node-a", good + "{}", "data after the object"},
 		{"truncated", "node-a", good[:len(good)-1], "unexpected EOF"},
 		{"unknown field", "node-a", repl(`"v":1`, `"v":1,"cert":"x"`), `unknown field "cert"`},
