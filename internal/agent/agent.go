@@ -60,6 +60,7 @@ type Agent struct {
 	budget     *memBudget // limits.memory: bytes buffered for all channels
 	spare      fdSpare    // a file descriptor kept for answering when out of them
 	policy     atomic.Pointer[policy.Policy]
+	pol        policyState // with a registry: its policy and the listen rules (policydoc.go)
 	revoked    atomic.Pointer[cert.Revocations]
 	rev        revocationState // serial order of revocation lists (revoke.go)
 	tables     *tables
@@ -135,6 +136,7 @@ func New(cfg *config.Config, log *slog.Logger) (*Agent, error) {
 	a.budget = newBudget(int64(cfg.Limits.Memory), int64(cfg.Limits.Memory)/8)
 	a.self = &selfCarrier{a: a, bud: a.peerBudget(), pending: make(chan struct{}, maxAccepting)}
 	a.policy.Store(cfg.Policy)
+	a.pol.listen = cfg.ListenRules
 	a.linkCfg = &link.Config{
 		Private:          nodeKey[:32],
 		Public:           pub,

@@ -1,12 +1,17 @@
 package agent
 
 import (
+	"cmp"
 	"context"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
+	"sinc.dev/sinc/internal/admin"
 	"sinc.dev/sinc/internal/cert"
+	"sinc.dev/sinc/internal/link"
 	"sinc.dev/sinc/internal/registry"
 )
 
@@ -200,4 +205,49 @@ func (a *Agent) checkRecord(c *cert.Certificate) error {
 		return fmt.Errorf("node %q: %w: its certificate %.16s… is not the one its record names (%.16s…)", c.Name, errRegistry, fp, n.Fingerprint)
 	}
 	return nil
+}
+
+// nodeRows returns the registry as this agent sees it (sinc nodes), with
+// the link state of each node and the peers whose record is gone, sorted
+// by name.
+func (a *Agent) nodeRows() []admin.NodeRow {
+	nodes := a.reg.Nodes()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	rows := make([]admin.NodeRow, 0, len(nodes)+1)
+	seen := make(map[string]bool, len(nodes))
+	row := func(p *peer, name string) admin.NodeRow {
+		r := admin.NodeRow{Node: name, Link: stateUnlinked, Record: "current", Channels: a.tables.count(name)}
+		if p != nil {
+			r.Link = a.linkState(p)
+			if p.link != nil {
+				r.CertExpiry = p.link.Peer().NotAfter
+			} else if p.cert != nil {
+				r.CertExpiry = p.cert.NotAfter
+			}
+		}
+		return r
+	}
+	for _, n := range nodes {
+		seen[n.Name] = true
+		r := row(a.peers[n.Name], n.Name)
+		r.Addresses = n.Addresses
+		if n.Instance != ([link.InstanceSize]byte{}) {
+			r.Instance = hex.EncodeToString(n.Instance[:])
+			r.Fingerprint = n.Fingerprint.String()
+		}
+		if n.Name == a.cfg.Node {
+			r.Self, r.Link, r.CertExpiry = true, "", a.linkConfig().Cert.NotAfter
+		}
+		rows = append(rows, r)
+	}
+	for name, p := range a.peers {
+		if !seen[name] {
+			r := row(p, name)
+			r.Addresses, r.Record = []string{p.addr}, "gone"
+			rows = append(rows, r)
+		}
+	}
+	slices.SortFunc(rows, func(x, y admin.NodeRow) int { return cmp.Compare(x.Node, y.Node) })
+	return rows
 }

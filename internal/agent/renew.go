@@ -56,6 +56,11 @@ func (a *Agent) reloadIdentity() error {
 		return err
 	}
 	tellKey("node", slot[:32])
+	if a.etcd != nil {
+		// The record names the new certificate before handshakes present
+		// it; a peer whose view lags reads the record again (checkRecord).
+		a.etcd.SetSelf(a.selfRecord(c))
+	}
 	next := *cur
 	next.Private, next.Public, next.Cert = slot[:32], pub, c
 	a.ident.Store(&next)
