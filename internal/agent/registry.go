@@ -131,7 +131,16 @@ func (a *Agent) dialTargets(ctx context.Context, p *peer) ([]string, error) {
 	a.mu.Unlock()
 	if c == nil || c.Fingerprint() != n.Fingerprint || a.revoked.Load().Revoked(c) || !time.Now().Before(c.NotAfter) {
 		var err error
-		if c, err = a.registryCert(ctx, n); err != nil {
+		c, err = a.registryCert(ctx, n)
+		if errors.Is(err, registry.ErrUnreachable) {
+			// etcd is down: the last view of the record says where the
+			// node is, and the handshake checks its certificate as the
+			// read would have (CA, validity, revocation, the record's
+			// fingerprint: checkRecord).
+			a.log.Info("registry unreachable: dialing on the last view of the record", "peer", p.name, "err", err)
+			return n.Addresses, nil
+		}
+		if err != nil {
 			a.counters.refuse("registry_certificate")
 			a.log.Warn("registry certificate refused: not dialing the node", "peer", p.name, "err", err)
 			return nil, err

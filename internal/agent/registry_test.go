@@ -1,16 +1,31 @@
 package agent
 
 import (
+	"bytes"
+	"context"
+	"encoding/pem"
 	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
+
 	"sinc.dev/sinc"
 	"sinc.dev/sinc/internal/admin"
+	"sinc.dev/sinc/internal/cert"
+	"sinc.dev/sinc/internal/cert/certtest"
 	"sinc.dev/sinc/internal/cluster"
+	"sinc.dev/sinc/internal/config"
 	"sinc.dev/sinc/internal/etcdtest"
+	"sinc.dev/sinc/internal/link"
 	"sinc.dev/sinc/internal/policy"
+	"sinc.dev/sinc/internal/registry"
 )
 
 func init() { registryJitter = 0 } // tests start their agents one by one
@@ -262,4 +277,316 @@ func TestRegistryIdleRace(t *testing.T) {
 	if closes < 5 {
 		t.Errorf("only %d idle closes: the race was not tried", closes)
 	}
+}
+
+// etcdClient is a client of ec for a test's own reads and writes.
+func etcdClient(t *testing.T, ec *etcdtest.Cluster) *clientv3.Client { return ec.Client(t) }
+
+func put(t *testing.T, cli *clientv3.Client, key string, value []byte) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := cli.Put(ctx, key, string(value)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// openEcho opens a channel from n to service echo of node to, and checks
+// one round trip.
+func openEcho(t *testing.T, n *cluster.Node, to string) *sinc.Conn {
+	t.Helper()
+	conn, err := dialer(n).DialContext(ctxT(t), to+"/p1/echo")
+	if err != nil {
+		t.Fatalf("%s → %s: %v", n.Name, to, err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	ping(t, conn)
+	return conn
+}
+
+// ping writes a message on conn and reads it back (echo).
+func ping(t *testing.T, conn *sinc.Conn) {
+	t.Helper()
+	conn.SetDeadline(time.Now().Add(5 * time.Second))
+	defer conn.SetDeadline(time.Time{})
+	msg := []byte("ping " + time.Now().String())
+	if _, err := conn.Write(msg); err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	got := make([]byte, len(msg))
+	if _, err := io.ReadFull(conn, got); err != nil {
+		t.Fatalf("read: %v", err)
+	}
+	mustEqual(t, "echo", got, msg)
+}
+
+// TestRegistryRevocation: a revocation list published in the registry is
+// applied within a second — the revoked node's link closed, its channel
+// ended — and the node cannot link again; the list is kept in the state
+// folder; an older list published after it is refused.
+func TestRegistryRevocation(t *testing.T) {
+	ec := etcdtest.Start(t, 3)
+	c := registryCluster(t, ec, regTimers, regNode{name: "node-a"}, regNode{name: "node-b"})
+	a := startRegistryAgent(t, c.Nodes["node-a"])
+	startRegistryAgent(t, c.Nodes["node-b"])
+	knows(t, a, "node-b")
+	echo(t, listenOn(t, c.Nodes["node-b"], "echo"))
+	conn := openEcho(t, c.Nodes["node-a"], "node-b")
+
+	crl := filepath.Join(t.TempDir(), "revoked.crl")
+	r1, err := cert.Revoke(c.CADir, crl, []string{"node-x"}, nil, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	r2, err := cert.Revoke(c.CADir, crl, []string{"node-b"}, nil, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cli := etcdClient(t, ec)
+	start := time.Now()
+	put(t, cli, "/sinc/revocations", r2.EncodePEM())
+	eventually(t, 2*time.Second, "node-b's link closed", func() bool { return linkOf(a, "node-b") == nil })
+	d := time.Since(start)
+	conn.SetReadDeadline(time.Now().Add(time.Second))
+	if _, err := conn.Read(make([]byte, 1)); err == nil {
+		t.Error("the channel to the revoked node still reads")
+	}
+	t.Logf("revocation applied %s after its put", d)
+	if d > time.Second {
+		t.Errorf("revocation applied after %s, more than 1s", d)
+	}
+	if _, err := os.Stat(filepath.Join(c.Nodes["node-a"].Dir, "state", "node-a.revoked.crl")); err != nil {
+		t.Errorf("the list is not in the state folder: %v", err)
+	}
+	_, err = dialer(c.Nodes["node-a"]).DialContext(ctxT(t), "node-b/p1/echo")
+	if !isOp(err, "dial", sinc.ErrUnreachable) {
+		t.Errorf("open to the revoked node: %v, want node_unreachable", err)
+	}
+	// An older list does not take the revocation back.
+	put(t, cli, "/sinc/revocations", r1.EncodePEM())
+	a.log.waitFor(t, 2*time.Second, "revocation list refused: older", "serial=1", "in_force_serial=2")
+	if a.revoked.Load().Serial != 2 {
+		t.Errorf("list in force: serial %d", a.revoked.Load().Serial)
+	}
+}
+
+// TestRegistryNodeGone: a node whose record leaves the registry (its
+// agent lost etcd past its lease) is answered node_unreachable at once;
+// the channel to it on an up link carries on; once the channel ends the
+// link is closed at once (not after link_idle); when the node's record is
+// back, a channel opens again.
+func TestRegistryNodeGone(t *testing.T) {
+	ec := etcdtest.Start(t, 3)
+	timers := regTimers
+	timers.LinkIdle = "1m" // node-gone closes must not wait for idleness
+	c := registryCluster(t, ec, timers,
+		regNode{name: "node-a", endpoints: []string{ec.Endpoint(0), ec.Endpoint(1)}},
+		regNode{name: "node-b", endpoints: []string{ec.Endpoint(2)}})
+	a := startRegistryAgent(t, c.Nodes["node-a"])
+	b := startRegistryAgent(t, c.Nodes["node-b"])
+	knows(t, a, "node-b")
+	echo(t, listenOn(t, c.Nodes["node-b"], "echo"))
+	conn := openEcho(t, c.Nodes["node-a"], "node-b")
+
+	ec.Kill(2) // node-b's only member: its lease runs out
+	eventually(t, 8*time.Second, "node-b gone from node-a's view", func() bool {
+		_, ok := a.reg.Lookup("node-b")
+		return !ok
+	})
+	ping(t, conn)
+	start := time.Now()
+	_, err := dialer(c.Nodes["node-a"]).DialContext(ctxT(t), "node-b/p1/echo")
+	if !isOp(err, "dial", sinc.ErrUnreachable) || time.Since(start) > 200*time.Millisecond {
+		t.Errorf("open to a gone node: %v after %s, want node_unreachable at once", err, time.Since(start))
+	}
+	if r := peerRow(t, a, "node-b"); r.Link != "linked" {
+		t.Errorf("node-a's row for node-b: %+v", r)
+	}
+	rows := nodesOf(t, a)
+	if r := rows["node-b"]; r.Record != "gone" || r.Link != "linked" || r.Channels != 1 {
+		t.Errorf("sinc nodes row of node-b: %+v", r)
+	}
+	ping(t, conn)
+	conn.Close()
+	a.log.waitFor(t, 3*time.Second, "peer link closed", "peer=node-b", "gone from the registry")
+	if st := b.reg.Status(); st.Connected {
+		t.Errorf("node-b's registry status during its outage: %+v", st)
+	}
+
+	ec.Restart(2)
+	eventually(t, 10*time.Second, "node-b back in node-a's view", func() bool {
+		_, ok := a.reg.Lookup("node-b")
+		return ok
+	})
+	openEcho(t, c.Nodes["node-a"], "node-b")
+}
+
+// nodesOf returns ta's sinc nodes rows by node.
+func nodesOf(t *testing.T, ta *testAgent) map[string]admin.NodeRow {
+	t.Helper()
+	resp, err := admin.Query(ctxT(t), ta.node.Admin, admin.Request{Op: "nodes"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := map[string]admin.NodeRow{}
+	for _, r := range resp.Nodes {
+		m[r.Node] = r
+	}
+	return m
+}
+
+// linkOf returns ta's link to peer, nil if none (or no peer).
+func linkOf(ta *testAgent, peer string) *link.Link {
+	ta.mu.Lock()
+	defer ta.mu.Unlock()
+	if p := ta.peers[peer]; p != nil {
+		return p.link
+	}
+	return nil
+}
+
+// issue signs a node certificate for node with the CA in caDir (a fresh
+// key) and returns it.
+func issue(t *testing.T, caDir, node string) *cert.Certificate {
+	t.Helper()
+	ca, key, err := cert.LoadCA(caDir, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := cert.IssueNode(ca, key, certtest.NewKey(t).PublicKey(), cert.NodeRequest{Node: node, Partitions: []string{"p1"}, ValidFor: time.Hour}, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// record returns a node record naming fp, at addr.
+func record(t *testing.T, name, addr string, fp cert.Fingerprint) []byte {
+	t.Helper()
+	b, err := registry.EncodeRecord(registry.Node{Name: name, Addresses: []string{addr}, Instance: link.NewInstance(), Fingerprint: fp})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// TestRegistryPoisonedRecords: every way a registry can lie about a node
+// is refused before a dial, with a log line, and costs only that node:
+// another CA's certificate, a certificate whose fingerprint the record
+// does not name, a certificate of another node, a certificate with a bad
+// signature, a record that is garbage, a record too large. The record of
+// a poisoned node points at a real agent (node-b), so a dial that was
+// made would reach it: node-b sees none. A channel to node-b works
+// throughout.
+func TestRegistryPoisonedRecords(t *testing.T) {
+	ec := etcdtest.Start(t, 1)
+	c := registryCluster(t, ec, regTimers, regNode{name: "node-a"}, regNode{name: "node-b"})
+	a := startRegistryAgent(t, c.Nodes["node-a"])
+	b := startRegistryAgent(t, c.Nodes["node-b"])
+	knows(t, a, "node-b")
+	echo(t, listenOn(t, c.Nodes["node-b"], "echo"))
+	conn := openEcho(t, c.Nodes["node-a"], "node-b")
+	bAddr := c.Nodes["node-b"].Listen
+	cli := etcdClient(t, ec)
+
+	foreign := certtest.NewCA(t)
+	other := foreign.Node(t, cert.NodeRequest{Node: "node-x"}).Cert
+	mismatch := issue(t, c.CADir, "node-y")
+	bCert := b.cert
+	badSig := issue(t, c.CADir, "node-w")
+	raw := bytes.Clone(badSig.Raw())
+	raw[len(raw)-1] ^= 1
+	badSigPEM := pem.EncodeToMemory(&pem.Block{Type: "SINC CERTIFICATE", Bytes: raw})
+	if _, err := cert.ParsePEM(badSigPEM); err != nil {
+		t.Fatalf("the bad-signature certificate does not even parse: %v", err)
+	}
+	var wrongFP cert.Fingerprint
+	wrongFP[0] = 1
+	for _, p := range []struct {
+		node string
+		rec  []byte
+		pem  []byte
+	}{
+		{"node-x", record(t, "node-x", bAddr, other.Fingerprint()), other.EncodePEM()},
+		{"node-y", record(t, "node-y", bAddr, wrongFP), mismatch.EncodePEM()},
+		{"node-z", record(t, "node-z", bAddr, bCert.Fingerprint()), bCert.EncodePEM()},
+		{"node-w", record(t, "node-w", bAddr, badSig.Fingerprint()), badSigPEM},
+		{"node-g", []byte("{garbage"), nil},
+		{"node-h", []byte(`{"v":1,"addresses":["` + bAddr + `"],"x":"` + strings.Repeat("x", 2000) + `"}`), nil},
+	} {
+		put(t, cli, "/sinc/nodes/"+p.node, p.rec)
+		if p.pem != nil {
+			put(t, cli, "/sinc/certs/"+p.node, p.pem)
+		}
+	}
+	for _, tc := range []struct{ node, log string }{
+		{"node-x", "unknown CA"},
+		{"node-y", "its record names"},
+		{"node-z", `is for node \"node-b\"`},
+		{"node-w", "signature does not verify"},
+		{"node-g", ""},
+		{"node-h", ""},
+	} {
+		if tc.log != "" {
+			knows(t, a, tc.node)
+		}
+		_, err := dialer(c.Nodes["node-a"]).DialContext(ctxT(t), tc.node+"/p1/echo")
+		if !isOp(err, "dial", sinc.ErrUnreachable) {
+			t.Errorf("open to %s: %v, want node_unreachable", tc.node, err)
+			continue
+		}
+		if tc.log != "" {
+			a.log.waitFor(t, time.Second, "registry certificate refused", "peer="+tc.node, tc.log)
+		} else if !strings.Contains(err.Error(), "no record in the registry") {
+			t.Errorf("open to %s: %v, want no record", tc.node, err)
+		}
+		ping(t, conn)
+	}
+	a.log.waitFor(t, time.Second, "registry record refused", "peer=node-g")
+	a.log.waitFor(t, time.Second, "registry record refused", "peer=node-h", "more than 1024")
+	if n := stats(t, a)["refused_registry_certificate"]; n != 4 {
+		t.Errorf("refused_registry_certificate = %d, want 4", n)
+	}
+	if strings.Contains(b.log.String(), "peer handshake failed") {
+		t.Error("node-b saw a handshake: a poisoned record was dialed")
+	}
+	openEcho(t, c.Nodes["node-a"], "node-b")
+}
+
+// TestRegistryReplacedCertificate: a certificate of a node that its
+// record no longer names — one the node replaced, whose key may be in
+// other hands — is refused in the handshake, though the CA signed it and
+// nobody revoked it.
+func TestRegistryReplacedCertificate(t *testing.T) {
+	ec := etcdtest.Start(t, 1)
+	c := registryCluster(t, ec, regTimers, regNode{name: "node-a"}, regNode{name: "node-b"})
+	a := startRegistryAgent(t, c.Nodes["node-a"])
+	startRegistryAgent(t, c.Nodes["node-b"])
+	knows(t, a, "node-b")
+
+	// The impostor holds another certificate of node-b, from the same CA.
+	dir := t.TempDir()
+	if _, err := cert.SignNode(c.CADir, dir, cert.NodeRequest{Node: "node-b", Partitions: []string{"p1"}, ValidFor: time.Hour}, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	certPath, keyPath := cert.NodeFiles(dir, "node-b")
+	cfg, err := config.Load(c.Nodes["node-b"].Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Cert, cfg.Key = certPath, keyPath
+	id, err := New(cfg, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer id.closeRegistry()
+	conn, err := net.Dial("tcp", c.Nodes["node-a"].Listen)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l, err := link.Dial(conn, id.linkCfg, "node-a"); err == nil {
+		l.Close(nil)
+		t.Fatal("node-a took a link from a certificate node-b's record does not name")
+	}
+	a.log.waitFor(t, 2*time.Second, "peer handshake failed", "not as the registry records it", "is not the one its record names")
 }

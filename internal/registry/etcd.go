@@ -179,7 +179,7 @@ func (e *Etcd) Certificate(ctx context.Context, name string) ([]byte, error) {
 		return nil, err
 	}
 	if len(resp.Kvs) == 0 {
-		return nil, fmt.Errorf("registry has no certificate for %s (%s)", name, e.keys.Cert(name))
+		return nil, fmt.Errorf("%w: %s (%s)", ErrNoCertificate, name, e.keys.Cert(name))
 	}
 	v := resp.Kvs[0].Value
 	if len(v) > MaxValueSize {
@@ -214,7 +214,7 @@ func (e *Etcd) retry(ctx context.Context, what string, op func(context.Context) 
 			return errors.Join(err, ctx.Err())
 		}
 	}
-	err = fmt.Errorf("registry: %s: %w", what, err)
+	err = fmt.Errorf("%w: %s: %w", ErrUnreachable, what, err)
 	e.unreachable(err)
 	return err
 }
