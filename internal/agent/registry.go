@@ -130,8 +130,10 @@ func (a *Agent) dialTargets(ctx context.Context, p *peer) ([]string, error) {
 	c := p.cert
 	a.mu.Unlock()
 	if c == nil || c.Fingerprint() != n.Fingerprint || a.revoked.Load().Revoked(c) || !time.Now().Before(c.NotAfter) {
-		var err error
-		c, err = a.registryCert(ctx, n)
+		err := fmt.Errorf("%w since %s", registry.ErrUnreachable, a.reg.Status().Since.Format(time.RFC3339))
+		if a.reg.Status().Connected {
+			c, err = a.registryCert(ctx, n)
+		}
 		if errors.Is(err, registry.ErrUnreachable) {
 			// etcd is down: the last view of the record says where the
 			// node is, and the handshake checks its certificate as the

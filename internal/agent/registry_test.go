@@ -590,3 +590,107 @@ func TestRegistryReplacedCertificate(t *testing.T) {
 	}
 	a.log.waitFor(t, 2*time.Second, "peer handshake failed", "not as the registry records it", "is not the one its record names")
 }
+
+// TestRegistryMemberKilled: one member of three killed (SIGKILL) mid-test
+// changes nothing a process sees: the open channel carries on, and a node
+// started after the kill is linked to on demand within seconds.
+func TestRegistryMemberKilled(t *testing.T) {
+	ec := etcdtest.Start(t, 3)
+	c := registryCluster(t, ec, regTimers, regNode{name: "node-a"}, regNode{name: "node-b"}, regNode{name: "node-c"})
+	a := startRegistryAgent(t, c.Nodes["node-a"])
+	startRegistryAgent(t, c.Nodes["node-b"])
+	knows(t, a, "node-b")
+	echo(t, listenOn(t, c.Nodes["node-b"], "echo"))
+	conn := openEcho(t, c.Nodes["node-a"], "node-b")
+
+	ec.Kill(0)
+	ping(t, conn)
+	cAgent := startRegistryAgent(t, c.Nodes["node-c"])
+	echo(t, listenOn(t, c.Nodes["node-c"], "echo"))
+	start := time.Now()
+	knows(t, a, "node-c")
+	openEcho(t, c.Nodes["node-a"], "node-c")
+	t.Logf("a node started after the kill was linked to %s later", time.Since(start))
+	ping(t, conn)
+	time.Sleep(3500 * time.Millisecond) // past a lease TTL: nothing expired
+	for _, n := range []string{"node-b", "node-c"} {
+		if _, ok := a.reg.Lookup(n); !ok {
+			t.Errorf("%s gone from node-a's view after a member was killed", n)
+		}
+	}
+	if _, ok := cAgent.reg.Lookup("node-a"); !ok {
+		t.Error("node-a gone from node-c's view")
+	}
+	ping(t, conn)
+}
+
+// TestRegistryDownAndBack: etcd wholly down for longer than the lease TTL,
+// then back. Meanwhile the open channel carries on, the agents keep their
+// view, new links form on it, and sinc nodes says the registry is
+// unreachable and why. Once etcd is back every record is in it again — the
+// keepalive that closed is noticed, the lease granted anew — and the
+// agents see each other again within a few seconds, for good.
+func TestRegistryDownAndBack(t *testing.T) {
+	ec := etcdtest.Start(t, 3)
+	c := registryCluster(t, ec, regTimers, regNode{name: "node-a"}, regNode{name: "node-b"}, regNode{name: "node-c"})
+	a := startRegistryAgent(t, c.Nodes["node-a"])
+	b := startRegistryAgent(t, c.Nodes["node-b"])
+	cc := startRegistryAgent(t, c.Nodes["node-c"])
+	for _, n := range []string{"node-b", "node-c"} {
+		knows(t, a, n)
+	}
+	echo(t, listenOn(t, c.Nodes["node-b"], "echo"))
+	echo(t, listenOn(t, c.Nodes["node-c"], "echo"))
+	conn := openEcho(t, c.Nodes["node-a"], "node-b")
+
+	ec.StopAll()
+	down := time.Now()
+	ping(t, conn)
+	eventually(t, 3*time.Second, "node-a's registry unreachable", func() bool { return !a.reg.Status().Connected })
+	for time.Since(down) < 4*time.Second { // past the lease TTL (3 s)
+		ping(t, conn)
+		time.Sleep(200 * time.Millisecond)
+	}
+	resp, err := admin.Query(ctxT(t), a.node.Admin, admin.Request{Op: "nodes"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st := resp.Registry; st == nil || st.Connected || st.LastError == "" || !strings.Contains(st.LastError, "registry unreachable") {
+		t.Errorf("sinc nodes during the outage: %+v", st)
+	}
+	if len(resp.Nodes) != 3 {
+		t.Errorf("sinc nodes during the outage lists %d nodes, want the last view's 3", len(resp.Nodes))
+	}
+	// A new link, on the last view, while etcd is down.
+	openEcho(t, c.Nodes["node-a"], "node-c")
+	a.log.waitFor(t, time.Second, "registry unreachable; keeping the last view")
+
+	ec.StartAll()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := ec.WaitHealthy(ctx); err != nil {
+		t.Fatal(err)
+	}
+	back := time.Now()
+	cli := etcdClient(t, ec)
+	eventually(t, 5*time.Second, "every record back in etcd", func() bool {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		resp, err := cli.Get(ctx, "/sinc/nodes/", clientv3.WithPrefix(), clientv3.WithCountOnly())
+		return err == nil && resp.Count == 3
+	})
+	eventually(t, 5*time.Second, "every agent's registry reachable", func() bool {
+		return a.reg.Status().Connected && b.reg.Status().Connected && cc.reg.Status().Connected
+	})
+	t.Logf("records and agents back %s after etcd was healthy", time.Since(back))
+	time.Sleep(4 * time.Second) // past a TTL: the records live under renewed leases
+	for _, ta := range []*testAgent{a, b, cc} {
+		if n := len(ta.reg.Nodes()); n != 3 {
+			t.Errorf("%s sees %d nodes after the outage", ta.node.Name, n)
+		}
+		if st := ta.reg.Status(); !st.Published {
+			t.Errorf("%s: record not published after the outage: %+v", ta.node.Name, st)
+		}
+	}
+	ping(t, conn)
+}

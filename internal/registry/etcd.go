@@ -194,15 +194,7 @@ func (e *Etcd) Certificate(ctx context.Context, name string) ([]byte, error) {
 func (e *Etcd) retry(ctx context.Context, what string, op func(context.Context) error) error {
 	var err error
 	wait := 100 * time.Millisecond
-	for try := 0; try < 3; try++ {
-		if try > 0 {
-			select {
-			case <-time.After(wait/2 + rand.N(wait/2+1)):
-			case <-ctx.Done():
-				return errors.Join(err, ctx.Err())
-			}
-			wait *= 2
-		}
+	for try := 1; ; try++ {
 		rctx, cancel := context.WithTimeout(ctx, e.cfg.RequestTimeout)
 		err = op(clientv3.WithRequireLeader(rctx))
 		cancel()
@@ -210,12 +202,19 @@ func (e *Etcd) retry(ctx context.Context, what string, op func(context.Context) 
 			e.reachable()
 			return nil
 		}
-		if ctx.Err() != nil {
-			return errors.Join(err, ctx.Err())
+		if try == 3 || ctx.Err() != nil {
+			break
 		}
+		select {
+		case <-time.After(wait/2 + rand.N(wait/2+1)):
+		case <-ctx.Done():
+		}
+		wait *= 2
 	}
 	err = fmt.Errorf("%w: %s: %w", ErrUnreachable, what, err)
-	e.unreachable(err)
+	if ctx.Err() == nil || errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		e.unreachable(err) // not when the caller gave up (the agent stops)
+	}
 	return err
 }
 

@@ -3,6 +3,7 @@ package registry
 import (
 	"context"
 	"errors"
+	"fmt"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
@@ -158,7 +159,7 @@ func (e *Etcd) keep(ctx context.Context, id clientv3.LeaseID) string {
 			alive, err := e.leaseAlive(ctx, id)
 			switch {
 			case err != nil:
-				e.unreachable(err)
+				e.unreachable(fmt.Errorf("%w: ask the lease's time to live: %w", ErrUnreachable, err))
 			case !alive:
 				return "the lease expired while the keepalive was late"
 			default:
