@@ -21,7 +21,10 @@ commands:
           [--valid-for DURATION] --out OUTDIR
                        make a node's key pair and certificate
   ca revoke --dir DIR (--node NAME | --fingerprint FP)... [--out FILE]
-                       add to the CA's signed revocation list
+            [--etcd ENDPOINTS [--prefix P] [--etcd-ca F --etcd-cert F --etcd-key F]]
+                       add to the CA's signed revocation list (and publish it)
+  ca policy --dir DIR --file POLICY.toml [--out FILE] [--etcd ENDPOINTS ...]
+                       sign the cluster policy ([[allow]] rules) (and publish it)
   cert show FILE       print a certificate's fields and fingerprint
   agent --config FILE  run a node's agent
   peers --admin PATH [--json]

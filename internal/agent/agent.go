@@ -1,4 +1,4 @@
-// Package agent is the trusted per-node agent (DESIGN.md §1): it holds the
+// Package agent is the trusted per-node agent (docs/design.md): it holds the
 // node's key, keeps one authenticated link to each peer agent, and serves
 // the admin socket.
 package agent
@@ -134,7 +134,8 @@ func New(cfg *config.Config, log *slog.Logger) (*Agent, error) {
 		localConns: map[*net.UnixConn]struct{}{},
 	}
 	a.budget = newBudget(int64(cfg.Limits.Memory), int64(cfg.Limits.Memory)/8)
-	a.self = &selfCarrier{a: a, bud: a.peerBudget(), pending: make(chan struct{}, maxAccepting)}
+	a.self = &selfCarrier{a: a, bud: a.peerBudget(), pending: make(chan struct{}, maxAccepting),
+		answers: make(chan struct{}, maxReplies)}
 	a.policy.Store(cfg.Policy)
 	a.pol.listen = cfg.ListenRules
 	a.linkCfg = &link.Config{

@@ -385,8 +385,8 @@ func (a *Agent) startPeer(p *peer) {
 // dialLoop keeps a link to p: while none is up it dials, with exponential
 // backoff and jitter between failures. Of two agents, the one with the
 // lesser name dials at once and the other gives it a moment first, so that
-// both seldom dial at the same time: a second link would replace the first
-// and end the channels on it.
+// both seldom dial at the same time: of two links dialed at once one is
+// refused (register), its handshake wasted.
 func (a *Agent) dialLoop(ctx context.Context, p *peer) {
 	t := a.cfg.Timers
 	backoff := t.DialMin
