@@ -166,6 +166,12 @@ func New(cfg *config.Config, log *slog.Logger) (*Agent, error) {
 			return nil, fmt.Errorf("revocations: %w", err)
 		}
 	}
+	if cfg.Registry != nil {
+		if err := a.restorePolicy(); err != nil {
+			a.closeRegistry()
+			return nil, fmt.Errorf("policy: %w", err)
+		}
+	}
 	return a, nil
 }
 

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -693,4 +694,99 @@ func TestRegistryDownAndBack(t *testing.T) {
 		}
 	}
 	ping(t, conn)
+}
+
+// signPolicy signs the rules' text with the CA of c under serial.
+func signPolicy(t *testing.T, caDir string, serial uint64, body string) *cert.Policy {
+	t.Helper()
+	p, err := cert.SignPolicy(caDir, []byte(body), serial-1, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func policySerial(ta *testAgent) uint64 {
+	ta.pol.mu.Lock()
+	defer ta.pol.mu.Unlock()
+	if ta.pol.doc == nil {
+		return 0
+	}
+	return ta.pol.doc.Serial
+}
+
+// TestRegistryPolicy: the cluster policy is the registry's signed
+// document. Before one is seen nothing crosses nodes; a published policy
+// is in force on every agent within a second; a newer one that denies an
+// open channel ends it (denied) within a second; an older one, or one of
+// another CA, is refused and changes nothing; the newest is kept in the
+// state folder and in force again at the next start.
+func TestRegistryPolicy(t *testing.T) {
+	ec := etcdtest.Start(t, 3)
+	c := registryCluster(t, ec, regTimers, regNode{name: "node-a"}, regNode{name: "node-b"})
+	a := startAgent(t, c.Nodes["node-a"], nil)
+	b := startAgent(t, c.Nodes["node-b"], nil)
+	knows(t, a, "node-b")
+	echo(t, listenOn(t, c.Nodes["node-b"], "echo"))
+	if _, err := dialer(c.Nodes["node-a"]).DialContext(ctxT(t), "node-b/p1/echo"); !isOp(err, "dial", sinc.ErrDenied) {
+		t.Fatalf("open before any policy: %v, want denied", err)
+	}
+	cli := etcdClient(t, ec)
+	const allow = "[[allow]]\nfrom = \"node-a/p1\"\nto = \"node-b/p1/echo\"\n"
+	p1 := signPolicy(t, c.CADir, 1, allow)
+	start := time.Now()
+	put(t, cli, "/sinc/policy", p1.EncodePEM())
+	eventually(t, 2*time.Second, "policy 1 on both agents", func() bool { return policySerial(a) == 1 && policySerial(b) == 1 })
+	d := time.Since(start)
+	t.Logf("policy in force on both agents %s after its put", d)
+	if d > time.Second {
+		t.Errorf("policy in force after %s, more than 1s", d)
+	}
+	conn := openEcho(t, c.Nodes["node-a"], "node-b")
+
+	p2 := signPolicy(t, c.CADir, 2, "[[allow]]\nfrom = \"node-a/p1\"\nto = \"node-b/p1/other\"\n")
+	start = time.Now()
+	put(t, cli, "/sinc/policy", p2.EncodePEM())
+	conn.SetReadDeadline(time.Now().Add(2 * time.Second))
+	_, err := io.ReadAll(conn)
+	d = time.Since(start)
+	if !errors.Is(err, sinc.ErrDenied) {
+		t.Fatalf("open channel under a policy that denies it: %v, want denied", err)
+	}
+	t.Logf("channel ended, denied, %s after the policy's put", d)
+	if d > time.Second {
+		t.Errorf("channel ended after %s, more than 1s", d)
+	}
+
+	// Older, and another CA's: refused, the policy in force stays.
+	put(t, cli, "/sinc/policy", p1.EncodePEM())
+	a.log.waitFor(t, 2*time.Second, "cluster policy refused: older", "serial=1", "in_force_serial=2")
+	foreign := certtest.NewCA(t)
+	fp, err := cert.SignPolicy(foreign.Dir, []byte(allow), 9, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	put(t, cli, "/sinc/policy", fp.EncodePEM())
+	a.log.waitFor(t, 2*time.Second, "cluster policy from the registry refused", "unknown CA")
+	if policySerial(a) != 2 {
+		t.Errorf("policy in force: serial %d, want 2", policySerial(a))
+	}
+
+	// A restart: the stored copy is in force before the registry answers.
+	a.stop(t)
+	delKey(t, cli, "/sinc/policy")
+	a = startAgent(t, c.Nodes["node-a"], nil)
+	if policySerial(a) != 2 {
+		t.Errorf("after a restart: policy serial %d, want 2 from the state folder", policySerial(a))
+	}
+	a.log.waitFor(t, time.Second, "cluster policy restored from the state folder", "serial=2")
+}
+
+func delKey(t *testing.T, cli *clientv3.Client, key string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := cli.Delete(ctx, key); err != nil {
+		t.Fatal(err)
+	}
 }
