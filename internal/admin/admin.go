@@ -98,8 +98,9 @@ type NodeRow struct {
 	// Instance and Fingerprint are the record's (etcd), in hex.
 	Instance    string `json:"instance,omitempty"`
 	Fingerprint string `json:"fingerprint,omitempty"`
-	// Record is "current" (in the registry's view), or "gone" for a
-	// peer whose record left while it still has a link or channels.
+	// Record is "current" (in the registry's view), "gone" for a peer
+	// whose record left while it still has a link or channels, or
+	// "configured" for a peer of the static file.
 	Record string `json:"record"`
 	// CertExpiry is the end of the node's certificate, when this agent
 	// has it: read from the registry for a dial, or presented on a link.

@@ -229,6 +229,9 @@ func (a *Agent) nodeRows() []admin.NodeRow {
 	seen := make(map[string]bool, len(nodes))
 	row := func(p *peer, name string) admin.NodeRow {
 		r := admin.NodeRow{Node: name, Link: stateUnlinked, Record: "current", Channels: a.tables.count(name)}
+		if !a.lazy {
+			r.Record = "configured"
+		}
 		if p != nil {
 			r.Link = a.linkState(p)
 			if p.link != nil {

@@ -790,3 +790,27 @@ func delKey(t *testing.T, cli *clientv3.Client, key string) {
 		t.Fatal(err)
 	}
 }
+
+// TestStaticNodes: without [registry] the agent's registry is its
+// [peers]: sinc nodes lists them, configured, with their links (eager, as
+// always), and sinc peers says idle for a link without channels.
+func TestStaticNodes(t *testing.T) {
+	c := testCluster(t, "node-a", "node-b")
+	a := startAgent(t, c.Nodes["node-a"], nil)
+	startAgent(t, c.Nodes["node-b"], nil)
+	waitUp(t, a, "node-b")
+	resp, err := admin.Query(ctxT(t), a.node.Admin, admin.Request{Op: "nodes"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st := resp.Registry; st.Backend != "static" || !st.Connected || st.Nodes != 1 {
+		t.Errorf("static registry status %+v", st)
+	}
+	if len(resp.Nodes) != 1 || resp.Nodes[0].Node != "node-b" || resp.Nodes[0].Record != "configured" ||
+		resp.Nodes[0].Link != "idle" || resp.Nodes[0].Addresses[0] != c.Nodes["node-b"].Listen || resp.Nodes[0].CertExpiry.IsZero() {
+		t.Errorf("static nodes %+v", resp.Nodes)
+	}
+	if r := peerRow(t, a, "node-b"); r.State != "up" || r.Link != "idle" {
+		t.Errorf("static peer row %+v", r)
+	}
+}
