@@ -31,12 +31,11 @@ import (
 
 func init() { registryJitter = 0 } // tests start their agents one by one
 
-// regTimers are fastTimers with a short link_idle.
-var regTimers = func() cluster.Timers {
-	t := fastTimers
-	t.LinkIdle = "400ms"
-	return t
-}()
+// regTimers are fast timers with a short link_idle. A link's death is
+// not what these tests look at: dead_after and grace are long enough that
+// a machine busy with etcd members does not end a channel by itself.
+var regTimers = cluster.Timers{Handshake: "1s", Keepalive: "200ms", DeadAfter: "3s", DialMin: "20ms", DialMax: "200ms",
+	Grace: "3s", LinkIdle: "400ms"}
 
 // regNode is a node of a registry cluster: its name, and the etcd
 // endpoints its agent uses (all of the cluster's when nil).
