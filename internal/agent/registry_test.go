@@ -813,3 +813,93 @@ func TestStaticNodes(t *testing.T) {
 		t.Errorf("static peer row %+v", r)
 	}
 }
+
+// TestRegistryRenewal: a node that renews its certificate puts its
+// record again before it presents the new certificate, and links with it
+// at once: the peer takes the new certificate on the record (read again
+// from etcd if its view still names the old one), and its view follows.
+func TestRegistryRenewal(t *testing.T) {
+	ec := etcdtest.Start(t, 1)
+	c := registryCluster(t, ec, regTimers, regNode{name: "node-a"}, regNode{name: "node-b"})
+	a := startRegistryAgent(t, c.Nodes["node-a"])
+	b := startRegistryAgent(t, c.Nodes["node-b"])
+	knows(t, a, "node-b")
+	knows(t, b, "node-a")
+	echo(t, listenOn(t, c.Nodes["node-a"], "echo"))
+	old := b.linkConfig().Cert.Fingerprint()
+	nc := renewCert(t, c, "node-b", time.Hour)
+	eventually(t, 3*time.Second, "node-b presents its new certificate", func() bool {
+		return b.linkConfig().Cert.Fingerprint() == nc.Fingerprint()
+	})
+	openEcho(t, c.Nodes["node-b"], "node-a")
+	if l := linkOf(a, "node-b"); l == nil || l.Peer().Fingerprint() != nc.Fingerprint() {
+		t.Errorf("node-a's link to node-b does not carry the new certificate")
+	}
+	eventually(t, 2*time.Second, "node-a's view names the new certificate", func() bool {
+		n, _ := a.reg.Lookup("node-b")
+		return n.Fingerprint == nc.Fingerprint() && n.Fingerprint != old
+	})
+}
+
+// lagging is a registry whose view lags the store: Lookup answers from
+// view, Refresh from store (or fails with err).
+type lagging struct {
+	registry.Static
+	view, store map[string]registry.Node
+	err         error
+	refreshes   int
+}
+
+func (r *lagging) Lookup(name string) (registry.Node, bool) { n, ok := r.view[name]; return n, ok }
+
+func (r *lagging) Refresh(_ context.Context, name string) (registry.Node, bool, error) {
+	r.refreshes++
+	if r.err != nil {
+		return registry.Node{}, false, r.err
+	}
+	n, ok := r.store[name]
+	return n, ok, nil
+}
+
+// TestCheckRecordReadsAgain: a handshake certificate the view does not
+// name is checked against the record read again from the store — a
+// renewal the watch has not brought yet is taken, a certificate the store
+// does not name either is refused, and so is one when the store cannot be
+// read; a certificate the view names needs no read.
+func TestCheckRecordReadsAgain(t *testing.T) {
+	c := testCluster(t, "node-a", "node-b")
+	cfg, err := config.Load(c.Nodes["node-a"].Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := New(cfg, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.arena.Close()
+	oldCert := issue(t, c.CADir, "node-b")
+	newCert := issue(t, c.CADir, "node-b")
+	node := func(c *cert.Certificate) registry.Node {
+		return registry.Node{Name: "node-b", Addresses: []string{"127.0.0.1:1"}, Fingerprint: c.Fingerprint()}
+	}
+	r := &lagging{view: map[string]registry.Node{"node-b": node(oldCert)}, store: map[string]registry.Node{"node-b": node(newCert)}}
+	a.reg, a.lazy = r, true
+	if err := a.checkPeer(oldCert); err != nil || r.refreshes != 0 {
+		t.Errorf("the view's certificate: %v, %d reads", err, r.refreshes)
+	}
+	if err := a.checkPeer(newCert); err != nil || r.refreshes != 1 {
+		t.Errorf("a renewal the view lags: %v, %d reads", err, r.refreshes)
+	}
+	r.store["node-b"] = node(oldCert)
+	if err := a.checkPeer(newCert); !errors.Is(err, errRegistry) || !strings.Contains(err.Error(), "is not the one its record names") {
+		t.Errorf("a certificate the store does not name: %v", err)
+	}
+	delete(r.store, "node-b")
+	if err := a.checkPeer(newCert); !errors.Is(err, errRegistry) || !strings.Contains(err.Error(), "has no record") {
+		t.Errorf("a node the store does not have: %v", err)
+	}
+	r.err = registry.ErrUnreachable
+	if err := a.checkPeer(newCert); !errors.Is(err, errRegistry) || !strings.Contains(err.Error(), "could not be read") {
+		t.Errorf("the store unreachable: %v", err)
+	}
+}

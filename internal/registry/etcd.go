@@ -42,6 +42,9 @@ type Etcd struct {
 
 	mu      sync.Mutex
 	self    Self
+	selfGen uint64        // counts changes of self
+	putGen  uint64        // the selfGen last put
+	putDone chan struct{} // closed and replaced at every put
 	status  Status
 	changed chan struct{} // self changed: put again (cap 1)
 	gone    chan struct{} // own record seen deleted (cap 1)
@@ -91,16 +94,33 @@ func NewEtcd(cli *clientv3.Client, cfg EtcdConfig, self Self, log *slog.Logger) 
 		status:  Status{Backend: "etcd", Endpoints: cfg.Endpoints, LeaseTTL: int64(cfg.LeaseTTL / time.Second), Since: time.Now()},
 		changed: make(chan struct{}, 1),
 		gone:    make(chan struct{}, 1),
+		putDone: make(chan struct{}),
 	}, nil
 }
 
 // SetSelf changes what this agent publishes (its certificate was
-// renewed): the record and certificate are put again under the lease.
-func (e *Etcd) SetSelf(s Self) {
+// renewed): the record and certificate are put again under the lease. It
+// returns once they are, or with ctx's error (they are put later).
+func (e *Etcd) SetSelf(ctx context.Context, s Self) error {
 	e.mu.Lock()
 	e.self = s
+	e.selfGen++
+	gen := e.selfGen
 	e.mu.Unlock()
 	poke(e.changed)
+	for {
+		e.mu.Lock()
+		done, wait := e.putGen >= gen, e.putDone
+		e.mu.Unlock()
+		if done {
+			return nil
+		}
+		select {
+		case <-wait:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
 }
 
 func poke(c chan struct{}) {

@@ -93,7 +93,7 @@ func (e *Etcd) grant(ctx context.Context) (clientv3.LeaseID, error) {
 // put writes the record and the certificate under lease id.
 func (e *Etcd) put(ctx context.Context, id clientv3.LeaseID) error {
 	e.mu.Lock()
-	self := e.self
+	self, gen := e.self, e.selfGen
 	e.mu.Unlock()
 	rec, err := EncodeRecord(self.Node)
 	if err != nil {
@@ -112,6 +112,9 @@ func (e *Etcd) put(ctx context.Context, id clientv3.LeaseID) error {
 	}
 	e.mu.Lock()
 	e.status.Published, e.status.PutAt = true, time.Now()
+	e.putGen = max(e.putGen, gen)
+	close(e.putDone)
+	e.putDone = make(chan struct{})
 	e.mu.Unlock()
 	e.log.Debug("registry: record put", "node", name, "lease", int64(id), "addresses", self.Node.Addresses)
 	return nil
