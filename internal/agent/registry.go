@@ -91,7 +91,7 @@ func (a *Agent) setupRegistry(c *cert.Certificate) error {
 		return fmt.Errorf("config %s: registry: %w", a.cfg.Path, err)
 	}
 	e, err := registry.NewEtcd(cli, registry.EtcdConfig{Prefix: r.Prefix, Endpoints: r.Etcd,
-		RequestTimeout: r.RequestTimeout, LeaseTTL: r.LeaseTTL, StartJitter: registryJitter}, a.selfRecord(c), a.log)
+		RequestTimeout: r.RequestTimeout, LeaseTTL: r.LeaseTTL, MaxNodes: r.MaxNodes, StartJitter: registryJitter}, a.selfRecord(c), a.log)
 	if err != nil {
 		cli.Close()
 		return fmt.Errorf("config %s: registry: %w", a.cfg.Path, err)

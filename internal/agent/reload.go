@@ -147,7 +147,7 @@ func sameRegistry(a, b *config.Registry) bool {
 		return a == b
 	}
 	return slices.Equal(a.Etcd, b.Etcd) && a.Prefix == b.Prefix && a.CA == b.CA && a.Cert == b.Cert && a.Key == b.Key &&
-		a.DialTimeout == b.DialTimeout && a.RequestTimeout == b.RequestTimeout && a.LeaseTTL == b.LeaseTTL
+		a.DialTimeout == b.DialTimeout && a.RequestTimeout == b.RequestTimeout && a.LeaseTTL == b.LeaseTTL && a.MaxNodes == b.MaxNodes
 }
 
 // watchConfig reloads the config when its file changes.

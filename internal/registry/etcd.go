@@ -63,6 +63,8 @@ type EtcdConfig struct {
 	// StartJitter delays the first requests by a random time up to it, so
 	// that a cluster of agents started at once does not arrive at once.
 	StartJitter time.Duration
+	// MaxNodes bounds the records kept (0: no bound); more are refused.
+	MaxNodes int
 	// DocsEvery is how often the documents are read again whatever the
 	// watch says (a watch on a rarely written key is the one compaction
 	// breaks); 0 means 30 s.
@@ -88,8 +90,10 @@ func NewEtcd(cli *clientv3.Client, cfg EtcdConfig, self Self, log *slog.Logger) 
 	if err != nil {
 		return nil, err
 	}
+	v := newView()
+	v.max = cfg.MaxNodes
 	return &Etcd{
-		cli: cli, cfg: cfg, keys: keys, log: log.With("registry", "etcd"), view: newView(),
+		cli: cli, cfg: cfg, keys: keys, log: log.With("registry", "etcd"), view: v,
 		self:    self,
 		status:  Status{Backend: "etcd", Endpoints: cfg.Endpoints, LeaseTTL: int64(cfg.LeaseTTL / time.Second), Since: time.Now()},
 		changed: make(chan struct{}, 1),
@@ -184,7 +188,10 @@ func (e *Etcd) Refresh(ctx context.Context, name string) (Node, bool, error) {
 		e.refused(name, err)
 		return Node{}, false, err
 	}
-	e.view.put(n)
+	if _, err := e.view.put(n); err != nil {
+		e.refused(name, err)
+		return Node{}, false, err
+	}
 	return n, true, nil
 }
 
