@@ -39,7 +39,7 @@ func TestRegistryFromEmptyEtcd(t *testing.T) {
 		t.Fatal(err)
 	}
 	mustRun(t, "ca", "policy", "--dir", c.CADir, "--file", pol, "--etcd", strings.Join(eps, ","))
-	startAgents(t, c)
+	procs := startAgents(t, c)
 	a, b := c.Nodes["node-a"], c.Nodes["node-b"]
 
 	// sinc nodes: both records, the registry connected, this node's
@@ -108,6 +108,28 @@ func TestRegistryFromEmptyEtcd(t *testing.T) {
 	if !regexpLine(out, "node-b", b.Listen, "current", "linked", "1") {
 		t.Errorf("sinc nodes, node-b's line:\n%s", out)
 	}
+	conn.Close()
+
+	// node-b's agent stopped: its record goes at once (the lease is
+	// revoked); killed (kill -9): within the lease's TTL.
+	if err := procs[1].Stop(10 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	d := waitNodes(t, a, 1, 2*time.Second)
+	t.Logf("node-b gone from node-a's view %s after a clean stop", d)
+	pb, err := cluster.Start(bin, b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pb.Stop(10 * time.Second) })
+	waitNodes(t, a, 2, 10*time.Second)
+	pb.Kill()
+	d = waitNodes(t, a, 1, 8*time.Second)
+	t.Logf("node-b gone from node-a's view %s after a kill (lease TTL 5s)", d)
+	if d < 2*time.Second {
+		t.Errorf("gone %s after a kill: sooner than the lease could run out", d)
+	}
+
 	// Static agents answer sinc nodes too.
 	if _, errs, code := runIn("nodes"); code == 0 || !strings.Contains(errs, "--admin is required") {
 		t.Errorf("sinc nodes without --admin: exit %d, %s", code, errs)
@@ -132,4 +154,24 @@ func regexpLine(out string, words ...string) bool {
 		}
 	}
 	return false
+}
+
+// waitNodes waits until n's sinc nodes lists count nodes and returns how
+// long that took.
+func waitNodes(t *testing.T, n *cluster.Node, count int, within time.Duration) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for {
+		out, _, code := runIn("nodes", "--admin", n.Admin, "--json")
+		var got struct {
+			Nodes []admin.NodeRow `json:"nodes"`
+		}
+		if code == 0 && json.Unmarshal([]byte(out), &got) == nil && len(got.Nodes) == count {
+			return time.Since(start)
+		}
+		if time.Since(start) > within {
+			t.Fatalf("sinc nodes of %s did not list %d nodes within %s: %s", n.Name, count, within, out)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
