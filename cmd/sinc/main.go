@@ -28,7 +28,10 @@ commands:
   cert show FILE       print a certificate's fields and fingerprint
   agent --config FILE  run a node's agent
   peers --admin PATH [--json]
-                       list an agent's peer links
+                       list an agent's peer links (linked / idle / unlinked)
+  nodes --admin PATH [--json]
+                       the registry as an agent sees it: nodes, records,
+                       links, and the registry's own state
   dial ADDR [--socket PATH] [--message]
                        open a channel to node/partition/service; stdin and
                        stdout are its two directions (netcat-like)
@@ -60,6 +63,7 @@ var commands = map[string]command{
 	"cert":   runCert,
 	"agent":  runAgent,
 	"peers":  runPeers,
+	"nodes":  runNodes,
 	"dial":   runDial,
 	"listen": runListen,
 	"conns":  runConns,

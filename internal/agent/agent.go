@@ -20,6 +20,7 @@ import (
 	"sinc.dev/sinc/internal/config"
 	"sinc.dev/sinc/internal/link"
 	"sinc.dev/sinc/internal/policy"
+	"sinc.dev/sinc/internal/registry"
 	"sinc.dev/sinc/internal/secret"
 	"sinc.dev/sinc/internal/wire"
 	"sinc.dev/sinc/internal/x25519"
@@ -39,8 +40,16 @@ type Agent struct {
 	poller  *poller       // starts idle channels' outbound pumps; set by Run
 	pending *link.Gate    // handshakes in progress on the peer port
 
+	// The registry (registry.go): Static over [peers], or etcd, whose
+	// client the agent closes when it stops. lazy: links on demand
+	// (lazylink.go).
+	reg     registry.Registry
+	etcd    *registry.Etcd
+	etcdCli interface{ Close() error }
+	lazy    bool
+
 	mu       sync.Mutex
-	peers    map[string]*peer // changes on reload (reloadPeers)
+	peers    map[string]*peer // changes on reload (reloadPeers) and on demand (lazylink.go)
 	stopping bool             // closeLinks ran: no new link is taken
 	runCtx   context.Context  // Run's; the peers' loops run under it
 
@@ -51,6 +60,7 @@ type Agent struct {
 	budget     *memBudget // limits.memory: bytes buffered for all channels
 	spare      fdSpare    // a file descriptor kept for answering when out of them
 	policy     atomic.Pointer[policy.Policy]
+	pol        policyState // with a registry: its policy and the listen rules (policydoc.go)
 	revoked    atomic.Pointer[cert.Revocations]
 	rev        revocationState // serial order of revocation lists (revoke.go)
 	tables     *tables
@@ -127,13 +137,14 @@ func New(cfg *config.Config, log *slog.Logger) (*Agent, error) {
 	a.self = &selfCarrier{a: a, bud: a.peerBudget(), pending: make(chan struct{}, maxAccepting),
 		answers: make(chan struct{}, maxReplies)}
 	a.policy.Store(cfg.Policy)
+	a.pol.listen = cfg.ListenRules
 	a.linkCfg = &link.Config{
 		Private:          nodeKey[:32],
 		Public:           pub,
 		Cert:             c,
 		Verifier:         verifier,
 		Instance:         a.instance,
-		Check:            a.checkRevoked,
+		Check:            a.checkPeer,
 		HandshakeTimeout: cfg.Timers.Handshake,
 		Keepalive:        cfg.Timers.Keepalive,
 		DeadAfter:        cfg.Timers.DeadAfter,
@@ -145,9 +156,20 @@ func New(cfg *config.Config, log *slog.Logger) (*Agent, error) {
 		pr.carrier = a.newPeerCarrier(pr)
 		a.peers[name] = pr
 	}
-	if cfg.Revocations != "" {
+	if err := a.setupRegistry(c); err != nil {
+		arena.Close()
+		return nil, err
+	}
+	if cfg.Revocations != "" || cfg.Registry != nil {
 		if err := a.loadRevocations(); err != nil {
+			a.closeRegistry()
 			return nil, fmt.Errorf("revocations: %w", err)
+		}
+	}
+	if cfg.Registry != nil {
+		if err := a.restorePolicy(); err != nil {
+			a.closeRegistry()
+			return nil, fmt.Errorf("policy: %w", err)
 		}
 	}
 	return a, nil
@@ -256,6 +278,10 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.startPeer(p)
 	}
 	a.mu.Unlock()
+	a.goRun(func() { a.reg.Run(ctx, registrySink{a}) })
+	if a.lazy {
+		a.goRun(func() { a.linkSweep(ctx) })
+	}
 	a.goRun(func() { a.watchConfig(ctx) })
 	a.goRun(func() { a.watchRevocations(ctx) })
 	a.goRun(func() { a.watchLifecycle(ctx) })
@@ -279,6 +305,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.closeLinks("agent shutting down")
 	a.poller.close()
 	a.wg.Wait()
+	a.closeRegistry()
 	os.Remove(a.cfg.Admin)
 	a.arena.Close()
 	a.log.Info("agent stopped")

@@ -331,6 +331,9 @@ func (ch *channel) finish(why *local.Error, tell *wire.Close) {
 		ch.carrier.sendControl(tell.Marshal())
 	}
 	ch.a.tables.remove(ch, st)
+	if pc, ok := ch.carrier.(*peerCarrier); ok {
+		pc.p.touch() // the link's idle time starts (lazylink.go)
+	}
 	if st.status == statusOpening {
 		// The dialing process waits for its answer on the socket: hand
 		// the reason to dial, which answers it.

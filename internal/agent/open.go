@@ -63,12 +63,14 @@ func (a *Agent) dial(p *partition, proc *procRef, sock *net.UnixConn, pre *bytes
 	if addr.Node == a.cfg.Node {
 		car = a.self
 	} else {
-		a.mu.Lock()
-		pr := a.peers[addr.Node]
-		a.mu.Unlock()
+		pr, release, code, why := a.peerFor(addr.Node)
 		if pr == nil {
-			return fail(wire.CodeNoSuchNode, a.cfg.Node, "node %q is not a peer of %s", addr.Node, a.cfg.Node)
+			if code == wire.CodeUnreachable {
+				a.counters.refuse("node_unreachable")
+			}
+			return fail(code, a.cfg.Node, "%s", why)
 		}
+		defer release()
 		if _, err := a.waitLink(pr, deadline, sock); err != nil {
 			if !errors.Is(err, errProcessGone) {
 				a.counters.refuse("node_unreachable")
@@ -170,11 +172,14 @@ func (a *Agent) budgetSpent() string {
 // under way (or about to start, as at the agent's start) it waits for its
 // outcome, until deadline, or until the process gives up waiting (closes
 // its socket, sock). The error names no address: it goes to the process.
+//
+// A link asked to close as idle (lazylink.go) is waited past too: on yes
+// the dial loop links again for this open.
 func (a *Agent) waitLink(pr *peer, deadline time.Time, sock *net.UnixConn) (*link.Link, error) {
 	a.mu.Lock()
-	l := pr.link
+	l, closing := pr.link, pr.closing
 	a.mu.Unlock()
-	if l != nil {
+	if l != nil && closing == nil {
 		return l, nil
 	}
 	timer := time.NewTimer(time.Until(deadline))
@@ -187,12 +192,12 @@ func (a *Agent) waitLink(pr *peer, deadline time.Time, sock *net.UnixConn) (*lin
 	}
 	for {
 		a.mu.Lock()
-		l, state, changed, since := pr.link, pr.state, pr.changed, pr.since
+		l, state, changed, since, closing := pr.link, pr.state, pr.changed, pr.since, pr.closing
 		a.mu.Unlock()
-		if l != nil {
+		if l != nil && closing == nil {
 			return l, nil
 		}
-		if state != stateConnecting {
+		if l == nil && state != stateConnecting {
 			return nil, fmt.Errorf("no link is up, and the last attempt to link ended %s ago", time.Since(since).Round(time.Millisecond))
 		}
 		select {
@@ -495,6 +500,14 @@ func (a *Agent) nodeHasPartition(car carrier, partition string) bool {
 
 // HandleControl receives the channel control messages of a link.
 func (a *Agent) HandleControl(l *link.Link, msg []byte) {
+	if msg[0] == wire.OpIdle {
+		if err := a.handleIdle(l, msg); err != nil {
+			a.counters.malformed.Add(1)
+			a.log.Warn("peer sent a bad control message; closing link", "peer", l.Peer().Name, "err", err)
+			l.Close(fmt.Errorf("bad control message: %w", err))
+		}
+		return
+	}
 	car := a.carrierOf(l)
 	if car == nil {
 		return // the link is ending

@@ -3,13 +3,17 @@ package agent
 import (
 	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net"
 	"slices"
+	"strings"
+	"sync/atomic"
 	"time"
 
 	"sinc.dev/sinc/internal/admin"
+	"sinc.dev/sinc/internal/cert"
 	"sinc.dev/sinc/internal/config"
 	"sinc.dev/sinc/internal/link"
 	"sinc.dev/sinc/internal/local"
@@ -39,6 +43,20 @@ type peer struct {
 	heard    time.Time               // the last frame read from the peer, as of its last link that closed
 	grace    *time.Timer             // running while channels wait for a link
 	stop     context.CancelFunc      // ends the dial and rekey loops; nil until they run
+
+	// With links on demand (lazylink.go): opens of this agent's under
+	// way to the peer (from peerFor until their channel is in the
+	// tables), the link asked to close as idle and when, and when the
+	// link last carried a channel or an open (unix nanoseconds; read by
+	// the sweep without a.mu).
+	users     int
+	dialing   bool // the dial loop dials, no link being up (see register)
+	closing   *link.Link
+	closingAt time.Time
+	lastUse   atomic.Int64
+	// cert is the peer's certificate as read from the registry and
+	// checked, when a dial last needed it (registry.go).
+	cert *cert.Certificate
 
 	// What happened to the peer's links: handshakes this agent began,
 	// links that became the peer's link, and falls from up to another
@@ -113,6 +131,16 @@ func (a *Agent) register(l *link.Link, want *peer) (reason string, ok bool) {
 	}
 	name := l.Peer().Name
 	p := a.peers[name]
+	if p == nil && want == nil && a.lazy {
+		// Linked to on demand: the handshake checked the node's record
+		// (checkRecord), which must still be there.
+		n, ok := a.reg.Lookup(name)
+		if !ok {
+			a.counters.refuse("not_in_registry")
+			return fmt.Sprintf("node %q has no record in the registry", name), false
+		}
+		p = a.addLazyPeer(n)
+	}
 	if p == nil || want != nil && p != want {
 		a.counters.refuse("peer_not_configured")
 		return fmt.Sprintf("node %q is not a configured peer of %q", name, a.cfg.Node), false
@@ -123,12 +151,24 @@ func (a *Agent) register(l *link.Link, want *peer) (reason string, ok bool) {
 		return fmt.Sprintf("the certificate of %s is revoked", name), false
 	}
 	cur := p.link
-	same := cur != nil && cur.PeerInstance() == l.PeerInstance()
+	// A link asked to close as idle is on its way out: a new one, dialed
+	// by an open that crossed the question, replaces it.
+	same := cur != nil && cur.PeerInstance() == l.PeerInstance() && p.closing != cur
 	if same {
 		ci, ni := a.initiatorName(cur), a.initiatorName(l)
 		if ci != ni && ci < ni {
-			return "a link between these agents is already up (dialed by " + ci + ")", false
+			return reasonAlreadyUp + " (dialed by " + ci + ")", false
 		}
+	}
+	if a.lazy && cur == nil && p.dialing && !l.Initiator() && a.cfg.Node < name {
+		// Both sides dial at once, for opens of their own: the link this
+		// agent dials, the lesser name's, is the one, on both sides. Were
+		// this one taken here, opens could go on it before the other side
+		// refused it for ours, and be lost with it.
+		return reasonAlreadyUp + " (being dialed by " + a.cfg.Node + ")", false
+	}
+	if p.closing != nil {
+		p.closing = nil
 	}
 	if !l.Initiator() {
 		// A write of a few bytes on a fresh connection: it does not wait.
@@ -164,6 +204,7 @@ func (a *Agent) register(l *link.Link, want *peer) (reason string, ok bool) {
 	}
 	p.link = l
 	p.ups++
+	p.touch()
 	p.setState(stateUp, "")
 	a.log.Info("peer link up", "peer", p.name, "remote", l.RemoteAddr().String(), "initiator", l.Initiator(),
 		"cert_expires", l.Peer().NotAfter)
@@ -214,6 +255,7 @@ func (a *Agent) unregister(l *link.Link) bool {
 	}
 	p.setState(state, msg)
 	a.holdPeer(p, msg)
+	a.maybeDrop(p) // on demand, and no channel waits for the link: nobody dials again
 	return true
 }
 
@@ -242,6 +284,10 @@ func (a *Agent) closeLinks(reason string) {
 		l.Shutdown(reason)
 	}
 }
+
+// reasonAlreadyUp is how register refuses the second of two links dialed
+// at once, the other way round.
+const reasonAlreadyUp = "a link between these agents is already up"
 
 // reloadPeers makes the peer table the configured one: peers added start
 // linking; peers removed have their channels ended, telling both
@@ -344,10 +390,18 @@ func (a *Agent) startPeer(p *peer) {
 func (a *Agent) dialLoop(ctx context.Context, p *peer) {
 	t := a.cfg.Timers
 	backoff := t.DialMin
-	yield := a.cfg.Node > p.name
+	// On demand, the first dial is for an open that waits: at once.
+	yield := !a.lazy && a.cfg.Node > p.name
 	for {
 		a.mu.Lock()
 		up, changed := p.link != nil, p.changed
+		if !up && a.lazy && a.unused(p) {
+			// Nothing waits for a link any more (the open that wanted it
+			// gave up, the channels that waited ended).
+			a.maybeDrop(p)
+			a.mu.Unlock()
+			return
+		}
 		if !up && ctx.Err() == nil {
 			p.setState(stateConnecting, "")
 		}
@@ -371,12 +425,35 @@ func (a *Agent) dialLoop(ctx context.Context, p *peer) {
 			}
 		}
 
+		// dialing tells register, under a.mu, that a link of this side
+		// may be on its way (see crossedDial).
+		a.mu.Lock()
+		up = p.link != nil
+		p.dialing = !up
+		a.mu.Unlock()
+		if up {
+			continue
+		}
 		err := a.dialPeer(ctx, p)
+		a.mu.Lock()
+		p.dialing = false
+		a.mu.Unlock()
 		if ctx.Err() != nil {
 			return
 		}
 		if err == nil {
 			backoff = t.DialMin
+			continue
+		}
+		if a.lazy && errors.Is(err, link.ErrRefused) && strings.Contains(err.Error(), reasonAlreadyUp) {
+			// Both sides dialed for opens at once; the other side's link
+			// is the one: wait for it to register here.
+			select {
+			case <-changed:
+			case <-time.After(t.Handshake):
+			case <-ctx.Done():
+				return
+			}
 			continue
 		}
 		a.mu.Lock()
@@ -432,14 +509,30 @@ func (a *Agent) rekeyLoop(ctx context.Context, p *peer) {
 }
 
 // dialPeer makes one attempt to link to p, at its address as configured
-// now.
+// now, or with links on demand at the addresses of its registry record,
+// in turn, once its certificate in the registry checks out (dialTargets).
 func (a *Agent) dialPeer(ctx context.Context, p *peer) error {
 	a.mu.Lock()
-	addr := p.addr
+	addrs := []string{p.addr}
 	p.dials++
 	a.mu.Unlock()
+	if a.lazy {
+		var err error
+		if addrs, err = a.dialTargets(ctx, p); err != nil {
+			return err
+		}
+	}
 	d := net.Dialer{Timeout: a.cfg.Timers.Handshake}
-	conn, err := d.DialContext(ctx, "tcp", addr)
+	var conn net.Conn
+	var err error
+	for _, addr := range addrs {
+		if conn, err = d.DialContext(ctx, "tcp", addr); err == nil {
+			a.mu.Lock()
+			p.addr = addr
+			a.mu.Unlock()
+			break
+		}
+	}
 	if err != nil {
 		return err
 	}
@@ -455,14 +548,16 @@ func (a *Agent) dialPeer(ctx context.Context, p *peer) error {
 	return nil
 }
 
-// peerRows returns the peer table, sorted by peer name.
+// peerRows returns the peer table, sorted by peer name; with links on
+// demand, the nodes the registry knows and this agent has no peer for
+// are rows too, unlinked.
 func (a *Agent) peerRows() []admin.PeerRow {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	rows := make([]admin.PeerRow, 0, len(a.peers))
 	for _, p := range a.peers {
 		r := admin.PeerRow{
-			Peer: p.name, Address: p.addr, State: p.state, Since: p.since, LastError: p.lastErr,
+			Peer: p.name, Address: p.addr, State: p.state, Link: a.linkState(p), Since: p.since, LastError: p.lastErr,
 			FramesOut: p.framesOut, BytesOut: p.bytesOut, FramesIn: p.framesIn, BytesIn: p.bytesIn,
 		}
 		if l := p.link; l != nil {
@@ -480,16 +575,32 @@ func (a *Agent) peerRows() []admin.PeerRow {
 		}
 		rows = append(rows, r)
 	}
-	slices.SortFunc(rows, func(x, y admin.PeerRow) int {
-		if x.Peer < y.Peer {
-			return -1
+	if a.lazy {
+		for _, n := range a.reg.Nodes() {
+			if a.peers[n.Name] == nil && n.Name != a.cfg.Node {
+				rows = append(rows, admin.PeerRow{Peer: n.Name, Address: n.Addresses[0], State: stateUnlinked, Link: stateUnlinked})
+			}
 		}
-		if x.Peer > y.Peer {
-			return 1
-		}
-		return 0
-	})
+	}
+	slices.SortFunc(rows, func(x, y admin.PeerRow) int { return cmp.Compare(x.Peer, y.Peer) })
 	return rows
+}
+
+// stateUnlinked is the state of a node known to the registry that this
+// agent has no peer for.
+const stateUnlinked = "unlinked"
+
+// linkState says whether p is linked (an up link that carries channels,
+// or opens on their way), idle (an up link that carries none) or
+// unlinked. Called with a.mu held.
+func (a *Agent) linkState(p *peer) string {
+	switch {
+	case p.link == nil:
+		return stateUnlinked
+	case p.users > 0 || a.tables.count(p.name) > 0:
+		return "linked"
+	}
+	return "idle"
 }
 
 func (a *Agent) handleAdmin(req admin.Request) *admin.Response {
@@ -503,6 +614,9 @@ func (a *Agent) handleAdmin(req admin.Request) *admin.Response {
 		}
 		slices.SortFunc(rows, func(x, y admin.ConnRow) int { return cmp.Compare(x.ID, y.ID) })
 		return &admin.Response{OK: true, Node: a.cfg.Node, Conns: rows}
+	case "nodes":
+		st := a.reg.Status()
+		return &admin.Response{OK: true, Node: a.cfg.Node, Registry: &st, Nodes: a.nodeRows()}
 	case "stats":
 		c := a.counters.snapshot()
 		c["memory_limit"] = uint64(a.budget.limit)
@@ -510,5 +624,5 @@ func (a *Agent) handleAdmin(req admin.Request) *admin.Response {
 		c["memory_peak"] = uint64(a.budget.peakUse())
 		return &admin.Response{OK: true, Node: a.cfg.Node, Counters: c}
 	}
-	return admin.Fail("unknown_op", fmt.Sprintf("unknown op %.40q; this agent knows: peers, conns, stats", req.Op))
+	return admin.Fail("unknown_op", fmt.Sprintf("unknown op %.40q; this agent knows: peers, conns, stats, nodes", req.Op))
 }

@@ -14,7 +14,8 @@ import (
 	"sinc.dev/sinc/internal/link"
 )
 
-// The agent follows the CA's revocation list named in its config: it reads
+// The agent follows the CA's revocation list named in its config (or, with
+// a registry, the one in the registry: registry.go): it reads
 // it at start, on SIGHUP and whenever the file changes (checked every
 // revocationPoll), and at once closes every link whose peer certificate is
 // on it — ending that peer's channels, telling their processes why — and
@@ -74,7 +75,7 @@ func (a *Agent) checkRevoked(c *cert.Certificate) error {
 // bad state folder or stored copy. A refused older list is logged, not
 // returned: the agent runs on with the newer list.
 func (a *Agent) loadRevocations() error {
-	if a.cfg.Revocations == "" {
+	if a.cfg.Revocations == "" && a.cfg.Registry == nil {
 		return nil
 	}
 	s := &a.rev
@@ -88,6 +89,9 @@ func (a *Agent) loadRevocations() error {
 		s.restored = true
 	}
 	path := a.cfg.Revocations
+	if path == "" {
+		return nil // the registry's list comes through registrySink
+	}
 	if st, err := os.Stat(path); err == nil {
 		s.seen = st // before reading: a change after this is seen again
 	}
@@ -99,20 +103,24 @@ func (a *Agent) loadRevocations() error {
 		a.log.Error("revocation list ignored; the list in force stays", "path", path, "err", err)
 		return err
 	}
+	a.putRevocations(r, path)
+	return nil
+}
+
+// putRevocations puts r, a list that verified, in force if it is newer
+// than the list in force (newerDoc), stores a copy in the state folder
+// and applies it. source names where r came from (a file's path, an etcd
+// key). Every source — the configured file, the registry — goes through
+// here, so none can take a list back. Called with a.rev.mu held.
+func (a *Agent) putRevocations(r *cert.Revocations, source string) {
 	in := a.revoked.Load()
-	switch c, err := r.Compare(in); {
-	case err != nil:
-		a.log.Error("revocation list refused: other content under the serial in force (suspicious: the CA signed two lists under one serial, or its key is not its own); the list in force stays",
-			"path", path, "serial", r.Serial, "issued", r.Issued, "entries", r.Len(),
-			"in_force_serial", in.Serial, "in_force_issued", in.Issued, "in_force_entries", in.Len())
-		return nil
-	case c < 0:
-		a.log.Error("revocation list refused: older than the list in force, which stays",
-			"path", path, "serial", r.Serial, "issued", r.Issued,
-			"in_force_serial", in.Serial, "in_force_issued", in.Issued)
-		return nil
-	case c == 0:
-		return nil // the list in force
+	c, err := r.Compare(in)
+	var was docVersion
+	if in != nil {
+		was = docVersion{in.Serial, in.Issued}
+	}
+	if !a.newerDoc("revocation list", source, c, err, docVersion{r.Serial, r.Issued}, was) {
+		return
 	}
 	a.revoked.Store(r)
 	if err := r.WriteFile(a.storedRevocations(), 0o600); err != nil {
@@ -120,9 +128,8 @@ func (a *Agent) loadRevocations() error {
 		// place could forget it.
 		a.log.Error("could not store the revocation list in the state folder", "path", a.storedRevocations(), "err", err)
 	}
-	a.log.Info("revocation list loaded", "path", path, "serial", r.Serial, "entries", r.Len(), "issued", r.Issued)
+	a.log.Info("revocation list loaded", "source", source, "serial", r.Serial, "entries", r.Len(), "issued", r.Issued)
 	a.applyRevocations()
-	return nil
 }
 
 // restoreRevocations checks the state folder and puts the stored copy, if

@@ -28,6 +28,7 @@ type tables struct {
 	byID     map[uint64]*channel    // connection table and key table, by connection id
 	byIndex  map[uint32]*channel    // channel state table, by receiving index
 	byRemote map[remoteKey]*channel // the same, by the peer's connection id
+	perPeer  map[string]int         // channels in the tables, by peer node
 	nextID   uint64
 	max      int
 }
@@ -39,7 +40,7 @@ type remoteKey struct {
 
 func newTables(max int) *tables {
 	return &tables{byID: map[uint64]*channel{}, byIndex: map[uint32]*channel{},
-		byRemote: map[remoteKey]*channel{}, nextID: 1, max: max}
+		byRemote: map[remoteKey]*channel{}, perPeer: map[string]int{}, nextID: 1, max: max}
 }
 
 var (
@@ -77,6 +78,7 @@ func (t *tables) add(ch *channel) error {
 	t.nextID++
 	t.byID[ch.id] = ch
 	t.byIndex[ch.state.index] = ch
+	t.perPeer[ch.state.peer]++
 	return nil
 }
 
@@ -108,6 +110,9 @@ func (t *tables) remove(ch *channel, st chanState) {
 	}
 	if t.byID[ch.id] == ch {
 		delete(t.byID, ch.id)
+		if t.perPeer[st.peer]--; t.perPeer[st.peer] <= 0 {
+			delete(t.perPeer, st.peer)
+		}
 	}
 	if t.byIndex[st.index] == ch {
 		delete(t.byIndex, st.index)
@@ -134,6 +139,13 @@ func (t *tables) all() []*channel {
 		out = append(out, ch)
 	}
 	return out
+}
+
+// count returns the number of channels to peer in the tables.
+func (t *tables) count(peer string) int {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return t.perPeer[peer]
 }
 
 func (t *tables) len() int {

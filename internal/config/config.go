@@ -13,6 +13,11 @@
 //	revocations = "revoked.crl"      # optional: the CA's revocation list, followed as it changes
 //	state_dir = "state"              # default; the newest revocation list seen, kept across restarts
 //
+//	advertise = ["10.0.0.1:7701"]    # with [registry]: the addresses published; default: listen
+//
+//	[registry]                       # optional: the cluster registry on etcd (registry.go)
+//	etcd = ["https://10.0.0.9:2379"]
+//
 //	[timers]                         # optional; these are the defaults
 //	handshake = "5s"
 //	keepalive = "5s"
@@ -24,6 +29,7 @@
 //	grace = "30s"                    # channels of a broken link end this long after the last frame heard
 //	rekey = "2m"                     # links make fresh session keys this often
 //	rotate = "10m"                   # channel keys are replaced this often
+//	link_idle = "3m"                 # with [registry]: a link without channels this long is closed
 //
 //	[limits]
 //	pending_handshakes = 256
@@ -103,9 +109,19 @@ type Config struct {
 	Timers Timers
 	Limits Limits
 
+	// Registry is the cluster registry (registry.go); nil: the static
+	// file — [peers], revocations and [[allow]] — is the cluster.
+	Registry *Registry
+	// Advertise is the addresses of this agent's peer port that it
+	// publishes in the registry (nil without one).
+	Advertise []string
+
 	Partitions map[string]Partition
 	Peers      map[string]Peer
 	Policy     *policy.Policy
+	// ListenRules are the partitions' listen rules, also in Policy: a
+	// policy from the registry is combined with them.
+	ListenRules []policy.ListenRule
 }
 
 // Timers are the agent's timeouts and intervals.
@@ -120,6 +136,7 @@ type Timers struct {
 	Grace     time.Duration
 	Rekey     time.Duration // a link older than this is replaced by a fresh handshake
 	Rotate    time.Duration // a channel key older than this is replaced
+	LinkIdle  time.Duration // with a registry: a link without channels this long is closed
 }
 
 // Limits bound the agent's tables and queues.
@@ -173,6 +190,7 @@ var (
 		Grace:     30 * time.Second,
 		Rekey:     2 * time.Minute,
 		Rotate:    10 * time.Minute,
+		LinkIdle:  3 * time.Minute,
 	}
 	DefaultLimits = Limits{
 		PendingHandshakes:     256,
@@ -199,14 +217,16 @@ var (
 
 // file mirrors the TOML layout.
 type file struct {
-	Node        string `toml:"node"`
-	Cert        string `toml:"cert"`
-	Key         string `toml:"key"`
-	CA          string `toml:"ca"`
-	Listen      string `toml:"listen"`
-	Admin       string `toml:"admin"`
-	Revocations string `toml:"revocations"`
-	StateDir    string `toml:"state_dir"`
+	Node        string        `toml:"node"`
+	Cert        string        `toml:"cert"`
+	Key         string        `toml:"key"`
+	CA          string        `toml:"ca"`
+	Listen      string        `toml:"listen"`
+	Admin       string        `toml:"admin"`
+	Revocations string        `toml:"revocations"`
+	StateDir    string        `toml:"state_dir"`
+	Advertise   []string      `toml:"advertise"`
+	Registry    *registryFile `toml:"registry"`
 	Timers      struct {
 		Handshake string `toml:"handshake"`
 		Keepalive string `toml:"keepalive"`
@@ -218,6 +238,7 @@ type file struct {
 		Grace     string `toml:"grace"`
 		Rekey     string `toml:"rekey"`
 		Rotate    string `toml:"rotate"`
+		LinkIdle  string `toml:"link_idle"`
 	} `toml:"timers"`
 	Limits struct {
 		PendingHandshakes     *int `toml:"pending_handshakes"`
@@ -390,6 +411,7 @@ func Parse(path string, data []byte) (*Config, error) {
 		{"timers.grace", f.Timers.Grace, &c.Timers.Grace},
 		{"timers.rekey", f.Timers.Rekey, &c.Timers.Rekey},
 		{"timers.rotate", f.Timers.Rotate, &c.Timers.Rotate},
+		{"timers.link_idle", f.Timers.LinkIdle, &c.Timers.LinkIdle},
 	} {
 		if d.val == "" {
 			continue
@@ -519,6 +541,10 @@ func Parse(path string, data []byte) (*Config, error) {
 	}
 	if c.Policy, err = c.Policy.WithListenRules(listen); err != nil {
 		return nil, fail("partitions", err)
+	}
+	c.ListenRules = listen
+	if err := parseRegistry(c, &f); err != nil {
+		return nil, &Error{File: path, Field: err.field, Err: err.err}
 	}
 	return c, nil
 }

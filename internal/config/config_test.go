@@ -98,7 +98,7 @@ func TestParseGood(t *testing.T) {
 		}
 	}
 	wantTimers := config.Timers{Handshake: 2 * time.Second, Keepalive: time.Second, DeadAfter: 3500 * time.Millisecond,
-		DialMin: 50 * time.Millisecond, DialMax: time.Minute, Open: 750 * time.Millisecond, Request: 5 * time.Second, Grace: 30 * time.Second, Rekey: 2 * time.Minute, Rotate: 10 * time.Minute}
+		DialMin: 50 * time.Millisecond, DialMax: time.Minute, Open: 750 * time.Millisecond, Request: 5 * time.Second, Grace: 30 * time.Second, Rekey: 2 * time.Minute, Rotate: 10 * time.Minute, LinkIdle: 3 * time.Minute}
 	if c.Timers != wantTimers {
 		t.Errorf("Timers = %+v, want %+v", c.Timers, wantTimers)
 	}
@@ -181,7 +181,7 @@ func TestParseDefaults(t *testing.T) {
 	}
 	// The defaults are what the package documents.
 	want := config.Timers{Handshake: 5 * time.Second, Keepalive: 5 * time.Second, DeadAfter: 15 * time.Second,
-		DialMin: 200 * time.Millisecond, DialMax: 30 * time.Second, Open: 5 * time.Second, Request: 5 * time.Second, Grace: 30 * time.Second, Rekey: 2 * time.Minute, Rotate: 10 * time.Minute}
+		DialMin: 200 * time.Millisecond, DialMax: 30 * time.Second, Open: 5 * time.Second, Request: 5 * time.Second, Grace: 30 * time.Second, Rekey: 2 * time.Minute, Rotate: 10 * time.Minute, LinkIdle: 3 * time.Minute}
 	wantLimits := config.Limits{PendingHandshakes: 256, PendingHandshakesPerSource: 8, Channels: 16384, Accepted: 12288, ChannelsPerPartition: 8192,
 		AcceptedPerPartition: 8192, AcceptedPerNode: 4096, ChannelsPerProcess: 1024,
 		ListenersPerPartition: 256, PendingRequests: 64, PendingRequestsPerUID: 16, QueuedRequests: 4096, QueuedRequestsPerUID: 1024,

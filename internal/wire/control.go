@@ -22,6 +22,7 @@ import (
 //	Close     op=19 index:4 dstConn:8 srcConn:8 code:1 reason:text
 //	Credit    op=20 index:4 dstConn:8 srcConn:8 granted:8 ack:8 flags:1
 //	Rekey     op=21 index:4 dstConn:8 srcConn:8 epoch:2 key:32
+//	Idle      op=22 step:1
 //
 // In Open, index and conn are the initiator's receiving index and
 // connection id, and key is the key for traffic *to the initiator*, which
@@ -36,6 +37,14 @@ import (
 // the sender may have sent, ack the counter of the next data frame expected
 // (every frame before it arrived). FlagResend asks the sender to send again
 // every frame from ack on: the receiver saw a gap.
+//
+// Idle closes a link that carries no channel, with links made on demand
+// (a registry): the side that dialed the link asks (IdleAsk); the other
+// answers IdleYes if it has no channel on the link and none opening — and
+// from then on sends nothing on it, taking a new link for its next
+// channel — or IdleNo. On IdleYes the asking side closes the link; nobody
+// dials again for it. So an Open that crossed the question is never lost:
+// the answering side had it in its tables, and said no.
 
 // Control ops.
 const (
@@ -45,6 +54,7 @@ const (
 	OpClose  byte = 19
 	OpCredit byte = 20
 	OpRekey  byte = 21
+	OpIdle   byte = 22
 )
 
 const (
@@ -159,6 +169,34 @@ func ParseRekey(b []byte) (*Rekey, error) {
 	m := &Rekey{Index: d.u32(), DstConn: d.u64(), SrcConn: d.u64(), Epoch: binary.BigEndian.Uint16(d.take(2))}
 	copy(m.Key[:], d.take(KeyLen))
 	return m, d.done(OpRekey)
+}
+
+// Idle is a step of closing an idle link (see above).
+type Idle struct {
+	Step byte
+}
+
+// Steps of Idle.
+const (
+	IdleAsk byte = 1
+	IdleYes byte = 2
+	IdleNo  byte = 3
+)
+
+// Marshal encodes m.
+func (m *Idle) Marshal() []byte { return []byte{OpIdle, m.Step} }
+
+// ParseIdle decodes an Idle.
+func ParseIdle(b []byte) (*Idle, error) {
+	d, err := start(b, OpIdle)
+	if err != nil {
+		return nil, err
+	}
+	m := &Idle{Step: d.u8()}
+	if d.err == nil && (m.Step < IdleAsk || m.Step > IdleNo) {
+		d.err = fmt.Errorf("unknown idle step %d", m.Step)
+	}
+	return m, d.done(OpIdle)
 }
 
 // Credit flags.

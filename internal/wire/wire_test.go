@@ -42,6 +42,12 @@ func TestControlRoundTrip(t *testing.T) {
 	if got, err := ParseCredit(cr.Marshal()); err != nil || *got != *cr {
 		t.Fatalf("Credit: %+v %v", got, err)
 	}
+	for _, step := range []byte{IdleAsk, IdleYes, IdleNo} {
+		m := &Idle{Step: step}
+		if got, err := ParseIdle(m.Marshal()); err != nil || *got != *m {
+			t.Fatalf("Idle: %+v %v", got, err)
+		}
+	}
 }
 
 func TestControlRejects(t *testing.T) {
@@ -69,6 +75,11 @@ func TestControlRejects(t *testing.T) {
 	}
 	if _, err := ParseCredit([]byte{OpOpen}); err == nil {
 		t.Fatal("an Open parsed as Credit")
+	}
+	for _, b := range [][]byte{{OpIdle}, {OpIdle, 0}, {OpIdle, 4}, {OpIdle, IdleAsk, 0}, {OpClose, IdleAsk}} {
+		if _, err := ParseIdle(b); err == nil {
+			t.Fatalf("Idle %x accepted", b)
+		}
 	}
 }
 
@@ -129,6 +140,9 @@ func FuzzControl(f *testing.F) {
 			check(m.Marshal(), nil)
 		}
 		if m, err := ParseRekey(b); err == nil {
+			check(m.Marshal(), nil)
+		}
+		if m, err := ParseIdle(b); err == nil {
 			check(m.Marshal(), nil)
 		}
 	})
