@@ -20,6 +20,7 @@ import (
 	"sync"
 	"time"
 
+	"sinc.dev/sinc/internal/buildinfo"
 	"sinc.dev/sinc/internal/local"
 )
 
@@ -45,6 +46,9 @@ type Response struct {
 	Peers    []PeerRow         `json:"peers,omitempty"`
 	Conns    []ConnRow         `json:"conns,omitempty"`
 	Counters map[string]uint64 `json:"counters,omitempty"`
+	// Build is the answering agent's own build (op "peers"). A peer's
+	// build is not known: the link handshake does not carry it.
+	Build *buildinfo.Info `json:"build,omitempty"`
 }
 
 // Error is a failed request.
