@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"flag"
 	"io"
 	"log/slog"
 	"os"
@@ -18,8 +19,8 @@ import (
 func runAgent(args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("agent", stderr)
 	path := fs.String("config", "", "the agent's config file (required)")
-	format := fs.String("log-format", "text", "log format: text or json")
-	level := fs.String("log-level", "info", "log level: debug, info, warn, error")
+	format := fs.String("log-format", "text", "log format: text or json; given here, it wins over the config's log_format")
+	level := fs.String("log-level", "info", "log level: debug, info, warn, error; given here, it wins over the config's log_level")
 	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of the agent to this file until it stops")
 	if _, err := parse(fs, args, 0); err != nil {
 		return err
@@ -27,19 +28,38 @@ func runAgent(args []string, stdout, stderr io.Writer) error {
 	if *path == "" {
 		return usagef("--config is required")
 	}
-	var lvl slog.Level
-	if err := lvl.UnmarshalText([]byte(*level)); err != nil {
+	// Flags checked before anything else, so a mistake in them is told as
+	// one whatever the config says.
+	flagFormat, err := config.ParseLogFormat(*format)
+	if err != nil {
+		return usagef("--log-format: %v", err)
+	}
+	flagLevel, err := config.ParseLogLevel(*level)
+	if err != nil {
 		return usagef("--log-level: %v", err)
 	}
-	opts := &slog.HandlerOptions{Level: lvl}
-	var h slog.Handler
-	switch *format {
-	case "text":
-		h = slog.NewTextHandler(stderr, opts)
-	case "json":
+	if err := agent.Confine(); err != nil {
+		return err
+	}
+	cfg, err := config.Load(*path)
+	if err != nil {
+		return err
+	}
+	// A flag given on the command line wins over the config; a flag left
+	// out leaves the config's setting (whose own default is text, info).
+	logFormat, logLevel := cfg.LogFormat, cfg.LogLevel
+	fs.Visit(func(f *flag.Flag) {
+		switch f.Name {
+		case "log-format":
+			logFormat = flagFormat
+		case "log-level":
+			logLevel = flagLevel
+		}
+	})
+	opts := &slog.HandlerOptions{Level: logLevel}
+	var h slog.Handler = slog.NewTextHandler(stderr, opts)
+	if logFormat == "json" {
 		h = slog.NewJSONHandler(stderr, opts)
-	default:
-		return usagef("--log-format must be text or json, not %q", *format)
 	}
 	// Every line of the agent goes through the rate limit: a flood of bad
 	// handshakes or bad requests writes a few lines per kind and a count,
@@ -51,13 +71,6 @@ func runAgent(args []string, stdout, stderr io.Writer) error {
 	go func() { limiter.Run(logCtx); close(logDone) }()
 	defer func() { stopLog(); <-logDone }() // the last counts, at exit
 
-	if err := agent.Confine(); err != nil {
-		return err
-	}
-	cfg, err := config.Load(*path)
-	if err != nil {
-		return err
-	}
 	a, err := agent.New(cfg, log)
 	if err != nil {
 		return err
