@@ -1,8 +1,10 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"flag"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
@@ -14,6 +16,7 @@ import (
 	"sinc.dev/sinc/internal/agent"
 	"sinc.dev/sinc/internal/config"
 	"sinc.dev/sinc/internal/logx"
+	"sinc.dev/sinc/internal/sdnotify"
 )
 
 func runAgent(args []string, stdout, stderr io.Writer) error {
@@ -79,16 +82,19 @@ func runAgent(args []string, stdout, stderr io.Writer) error {
 	// the channels give back goes back to the system promptly rather than
 	// minutes later.
 	debug.SetMemoryLimit(agent.MemoryLimit(cfg))
+	notify, err := sdnotify.FromEnv()
+	if err != nil {
+		return err
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
-	go func() {
-		for range hup {
-			a.Reload() // logs what it did
-		}
-	}()
+	told := make(chan struct{})
+	go func() { tellManager(ctx, a, cfg, notify, hup, log); close(told) }()
+	// STOPPING=1 goes before the process exits.
+	defer func() { stop(); <-told }()
 	if *cpuProfile != "" {
 		f, err := os.Create(*cpuProfile)
 		if err != nil {
@@ -101,4 +107,36 @@ func runAgent(args []string, stdout, stderr io.Writer) error {
 		defer pprof.StopCPUProfile()
 	}
 	return a.Run(ctx)
+}
+
+// tellManager tells the service manager (sd_notify, when systemd runs the
+// agent as Type=notify) that the agent is ready once Run has every socket
+// listening, and serves SIGHUP: RELOADING=1, the reload, READY=1 again.
+// A SIGHUP before the agent is ready waits for it. When ctx ends the agent
+// is stopping: STOPPING=1.
+func tellManager(ctx context.Context, a *agent.Agent, cfg *config.Config, n *sdnotify.Notifier, hup <-chan os.Signal, log *slog.Logger) {
+	send := func(state []string) {
+		if err := n.Send(state...); err != nil {
+			log.Warn("service manager notification failed", "err", err)
+		}
+	}
+	select {
+	case <-a.Ready():
+	case <-ctx.Done():
+		return // it did not start, or stopped before it was ready
+	}
+	status := fmt.Sprintf("serving: node %s, %d partitions, %d peers, peer port %s, metrics %s",
+		cfg.Node, len(cfg.Partitions), len(cfg.Peers), cfg.Listen, cmp.Or(cfg.Metrics, "off"))
+	send(sdnotify.Ready(status))
+	for {
+		select {
+		case <-ctx.Done():
+			send(sdnotify.Stopping())
+			return
+		case <-hup:
+			send(sdnotify.Reloading())
+			a.Reload() // logs what it did
+			send(sdnotify.Ready(status))
+		}
+	}
 }
