@@ -48,6 +48,37 @@ func TestMetricsCoverStats(t *testing.T) {
 
 	reg := prometheus.NewPedanticRegistry()
 	reg.MustRegister(collector{p.a.Agent})
+	// The echo's bytes are counted just after they are written to the
+	// process, which may read them first: gather until they show.
+	var got map[string]float64
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		got = gather(t, reg)
+		if got["sinc_channel_bytes_total,direction=in,partition=web"] == 5 || time.Now().After(deadline) {
+			break
+		}
+	}
+	for key, want := range map[string]float64{
+		"sinc_refusals_total,reason=open_denied_policy":            1,
+		"sinc_refusals_total,reason=handshake_bad_mac":             1,
+		"sinc_handshakes_total,result=bad_mac":                     1,
+		"sinc_channels,kind=stream,partition=web,state=open":       1,
+		"sinc_channel_bytes_total,direction=out,partition=web":     5,
+		"sinc_channel_bytes_total,direction=in,partition=web":      5,
+		"sinc_open_duration_seconds":                               1,
+		"sinc_peer_state,peer=node-b,state=up":                     1,
+		"sinc_memory_limit_bytes":                                  float64(p.a.cfg.Limits.Memory),
+		"sinc_channels,kind=message,partition=batch,state=opening": 0,
+	} {
+		if v, ok := got[key]; !ok || v != want {
+			t.Errorf("%s = %v (present %v), want %v", key, v, ok, want)
+		}
+	}
+}
+
+// gather collects reg and returns each sample's value (a histogram's
+// count) by name and labels ("name,k=v,…").
+func gather(t *testing.T, reg *prometheus.Registry) map[string]float64 {
+	t.Helper()
 	fams, err := reg.Gather()
 	if err != nil {
 		t.Fatalf("gather: %v", err)
@@ -69,22 +100,7 @@ func TestMetricsCoverStats(t *testing.T) {
 			}
 		}
 	}
-	for key, want := range map[string]float64{
-		"sinc_refusals_total,reason=open_denied_policy":            1,
-		"sinc_refusals_total,reason=handshake_bad_mac":             1,
-		"sinc_handshakes_total,result=bad_mac":                     1,
-		"sinc_channels,kind=stream,partition=web,state=open":       1,
-		"sinc_channel_bytes_total,direction=out,partition=web":     5,
-		"sinc_channel_bytes_total,direction=in,partition=web":      5,
-		"sinc_open_duration_seconds":                               1,
-		"sinc_peer_state,peer=node-b,state=up":                     1,
-		"sinc_memory_limit_bytes":                                  float64(p.a.cfg.Limits.Memory),
-		"sinc_channels,kind=message,partition=batch,state=opening": 0,
-	} {
-		if v, ok := got[key]; !ok || v != want {
-			t.Errorf("%s = %v (present %v), want %v", key, v, ok, want)
-		}
-	}
+	return got
 }
 
 // TestLatencyHistogram: observations land in the first bucket whose bound
