@@ -5,9 +5,10 @@
 // What is served is the agent's to say (internal/agent/metrics.go): counts,
 // states and a build label, never a key, never a label per channel or per
 // process. The server is bounded: a request's headers must come within
-// ReadHeaderTimeout and fit MaxHeaderBytes, at most MaxInFlight scrapes are
-// answered at once (more get 503), and a scrape that has not been written
-// within WriteTimeout is cut off. Anyone who can reach the address may read
+// ReadHeaderTimeout and fit MaxHeaderBytes, at most MaxConns connections
+// are open at once (more wait in the kernel's backlog), at most MaxInFlight
+// scrapes are answered at once (more get 503), and a scrape that has not
+// been written within WriteTimeout is cut off. Anyone who can reach the address may read
 // the metrics: bind it to loopback, or to an address only the monitoring
 // system reaches.
 package metrics
@@ -23,6 +24,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/net/netutil"
 )
 
 // Path is where the metrics are served.
@@ -34,6 +36,7 @@ const (
 	WriteTimeout      = 10 * time.Second
 	IdleTimeout       = 60 * time.Second
 	MaxHeaderBytes    = 8 << 10
+	MaxConns          = 16
 	MaxInFlight       = 4
 )
 
@@ -76,7 +79,7 @@ func Start(ln net.Listener, g prometheus.Gatherer, log *slog.Logger) *Server {
 	}
 	go func() {
 		defer close(s.done)
-		if err := s.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		if err := s.srv.Serve(netutil.LimitListener(ln, MaxConns)); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			log.Error("metrics server stopped", "err", err)
 		}
 	}()
