@@ -15,7 +15,6 @@ import (
 
 	"sinc.dev/sinc/internal/agent"
 	"sinc.dev/sinc/internal/config"
-	"sinc.dev/sinc/internal/logx"
 	"sinc.dev/sinc/internal/sdnotify"
 )
 
@@ -33,13 +32,9 @@ func runAgent(args []string, stdout, stderr io.Writer) error {
 	}
 	// Flags checked before anything else, so a mistake in them is told as
 	// one whatever the config says.
-	flagFormat, err := config.ParseLogFormat(*format)
+	flagFormat, flagLevel, err := logFlags(*format, *level)
 	if err != nil {
-		return usagef("--log-format: %v", err)
-	}
-	flagLevel, err := config.ParseLogLevel(*level)
-	if err != nil {
-		return usagef("--log-level: %v", err)
+		return err
 	}
 	if err := agent.Confine(); err != nil {
 		return err
@@ -59,20 +54,8 @@ func runAgent(args []string, stdout, stderr io.Writer) error {
 			logLevel = flagLevel
 		}
 	})
-	opts := &slog.HandlerOptions{Level: logLevel}
-	var h slog.Handler = slog.NewTextHandler(stderr, opts)
-	if logFormat == "json" {
-		h = slog.NewJSONHandler(stderr, opts)
-	}
-	// Every line of the agent goes through the rate limit: a flood of bad
-	// handshakes or bad requests writes a few lines per kind and a count,
-	// not a line each (the counters in sinc stats count every one).
-	limiter := logx.New(h, logx.Options{})
-	log := slog.New(limiter)
-	logCtx, stopLog := context.WithCancel(context.Background())
-	logDone := make(chan struct{})
-	go func() { limiter.Run(logCtx); close(logDone) }()
-	defer func() { stopLog(); <-logDone }() // the last counts, at exit
+	log, stopLog := startLog(stderr, logFormat, logLevel)
+	defer stopLog() // the last counts, at exit
 
 	a, err := agent.New(cfg, log)
 	if err != nil {

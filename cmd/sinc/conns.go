@@ -93,22 +93,11 @@ func printConns(w io.Writer, node string, rows []admin.ConnRow, now time.Time) {
 }
 
 func runStats(args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("stats", stderr)
-	adminPath := fs.String("admin", "", "the agent's admin socket (required)")
-	asJSON := fs.Bool("json", false, "print JSON")
-	if _, err := parse(fs, args, 0); err != nil {
-		return err
-	}
-	if *adminPath == "" {
-		return usagef("--admin is required")
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), admin.RequestTimeout)
-	defer cancel()
-	resp, err := admin.Query(ctx, *adminPath, admin.Request{Op: "stats"})
+	resp, asJSON, err := adminCommand("stats", "stats", "print JSON", args, stderr)
 	if err != nil {
 		return err
 	}
-	if *asJSON {
+	if asJSON {
 		return json.NewEncoder(stdout).Encode(resp.Counters)
 	}
 	names := make([]string, 0, len(resp.Counters))

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -18,22 +17,11 @@ import (
 // lease) and each node it knows, with the node's record, certificate
 // expiry when the agent has the certificate, and link state.
 func runNodes(args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("nodes", stderr)
-	path := fs.String("admin", "", "the agent's admin socket (required)")
-	asJSON := fs.Bool("json", false, "print JSON: {\"node\", \"registry\", \"nodes\"}")
-	if _, err := parse(fs, args, 0); err != nil {
-		return err
-	}
-	if *path == "" {
-		return usagef("--admin is required")
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), admin.RequestTimeout)
-	defer cancel()
-	resp, err := admin.Query(ctx, *path, admin.Request{Op: "nodes"})
+	resp, asJSON, err := adminCommand("nodes", "nodes", "print JSON: {\"node\", \"registry\", \"nodes\"}", args, stderr)
 	if err != nil {
 		return err
 	}
-	if *asJSON {
+	if asJSON {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
 		return enc.Encode(struct {

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -13,22 +12,11 @@ import (
 )
 
 func runPeers(args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("peers", stderr)
-	path := fs.String("admin", "", "the agent's admin socket (required)")
-	asJSON := fs.Bool("json", false, "print JSON")
-	if _, err := parse(fs, args, 0); err != nil {
-		return err
-	}
-	if *path == "" {
-		return usagef("--admin is required")
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), admin.RequestTimeout)
-	defer cancel()
-	resp, err := admin.Query(ctx, *path, admin.Request{Op: "peers"})
+	resp, asJSON, err := adminCommand("peers", "peers", "print JSON", args, stderr)
 	if err != nil {
 		return err
 	}
-	if *asJSON {
+	if asJSON {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
 		return enc.Encode(resp.Peers)

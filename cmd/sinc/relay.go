@@ -43,7 +43,6 @@ import (
 	"time"
 
 	"sinc.dev/sinc"
-	"sinc.dev/sinc/internal/logx"
 )
 
 // relayBuffer is the copy buffer of each direction: half a channel record,
@@ -239,27 +238,12 @@ func parseLocalAddr(s string) (localAddr, error) {
 	return localAddr{"tcp", s}, nil
 }
 
-// newRelayLog makes the log of a forwarder or an exposer: slog to stderr,
-// each repeated line rate-limited (a flood of refused connections writes a
-// few lines and a count). stop writes the last counts.
+// newRelayLog makes the log of a forwarder or an exposer (startLog).
 func newRelayLog(stderr io.Writer, format, level string) (log *slog.Logger, stop func(), err error) {
-	var lvl slog.Level
-	if err := lvl.UnmarshalText([]byte(level)); err != nil {
-		return nil, nil, usagef("--log-level: %v", err)
+	f, l, err := logFlags(format, level)
+	if err != nil {
+		return nil, nil, err
 	}
-	opts := &slog.HandlerOptions{Level: lvl}
-	var h slog.Handler
-	switch format {
-	case "text":
-		h = slog.NewTextHandler(stderr, opts)
-	case "json":
-		h = slog.NewJSONHandler(stderr, opts)
-	default:
-		return nil, nil, usagef("--log-format must be text or json, not %q", format)
-	}
-	lim := logx.New(h, logx.Options{})
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { lim.Run(ctx); close(done) }()
-	return slog.New(lim), func() { cancel(); <-done }, nil
+	log, stop = startLog(stderr, f, l)
+	return log, stop, nil
 }
