@@ -360,9 +360,10 @@ func checkInvariants(t *testing.T, e *hostileEnv, run int) {
 		q := a.quotas
 		q.mu.Lock()
 		counted := len(q.procs) + len(q.dialed) + len(q.accepted) + len(q.byNode) + q.inbound
+		left := fmt.Sprintf("procs %v, dialed %v, accepted %v, by node %v, inbound %d", q.procs, q.dialed, q.accepted, q.byNode, q.inbound)
 		q.mu.Unlock()
 		if counted != 0 {
-			t.Fatalf("run %d: %s still counts channels against its limits (%+v)", run, a.node.Name, q)
+			t.Fatalf("run %d: %s still counts channels against its limits (%s)", run, a.node.Name, left)
 		}
 	}
 }
