@@ -1,6 +1,7 @@
 package sinc
 
 import (
+	"encoding/json"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -39,7 +40,7 @@ import (
 // says that a record was begun): a caller that stops writing after it must
 // Close, which sends the tail. Write(nil) on a stream only sends the tail.
 //
-// Closing (Close, below). Close marks the Conn closing and moves both
+// Closing (Close and Abort, below). Close marks the Conn closing and moves both
 // socket deadlines into the past, so that a Read or Write blocked in the
 // socket wakes and returns net.ErrClosed at once; then it takes the write
 // lock. If no Write was in progress, it sends the committed tail and a fin
@@ -118,11 +119,40 @@ func (c *Conn) Kind() Kind { return c.kind }
 // delivered, then the other side reads io.EOF; see the top of this file
 // for when it cannot be. Reads and Writes in progress return an error
 // matching net.ErrClosed.
-func (c *Conn) Close() error {
+func (c *Conn) Close() error { return c.end("close", local.RecFin, nil) }
+
+// Abort ends the channel at once as a failure, where Close would end it
+// cleanly: the other process's Read returns an error matching ErrAborted
+// whose message ends with message (the agent passes at most 200 printable
+// bytes of it). What this side wrote and the other has not yet read may be
+// lost, as with a reset. A relay uses it to pass on a failure it cannot
+// pass as bytes: a TCP reset, a target that refused. Reads and Writes in
+// progress return an error matching net.ErrClosed; so do Abort and Close
+// after it.
+func (c *Conn) Abort(message string) error {
+	if len(message) > maxAbortMessage {
+		message = message[:maxAbortMessage]
+	}
+	var payload []byte
+	if message != "" {
+		payload, _ = json.Marshal(struct {
+			Message string `json:"message"`
+		}{message})
+	}
+	return c.end("abort", local.RecClose, payload)
+}
+
+// maxAbortMessage bounds the message Abort sends (escaped as JSON, it stays
+// within the close record's 4096 bytes; the agent keeps 200 bytes of it).
+const maxAbortMessage = 512
+
+// end closes the socket after the last record the write side owes the
+// agent: a fin (Close) or a close record (Abort).
+func (c *Conn) end(op string, typ byte, payload []byte) error {
 	c.dmu.Lock()
 	if c.closing.Load() {
 		c.dmu.Unlock()
-		return c.opErr("close", net.ErrClosed)
+		return c.opErr(op, net.ErrClosed)
 	}
 	c.closing.Store(true)
 	c.c.SetReadDeadline(aLongTimeAgo)
@@ -132,7 +162,7 @@ func (c *Conn) Close() error {
 		c.wmu.Lock()
 	}
 	c.dmu.Unlock()
-	c.finish(interrupted)
+	c.finish(interrupted, typ, payload)
 	c.wmu.Unlock()
 	c.c.Close()
 	return nil

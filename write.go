@@ -167,25 +167,29 @@ func (c *Conn) flush() error {
 }
 
 // finish sends what the write side owes the agent before the socket
-// closes: the rest of a committed record and the fin record, waiting at
-// most closeFlushWait; if Close interrupted a Write, it tries once without
-// waiting. What does not fit is lost, and the agent sees the socket close
-// mid-record or without a fin: the channel broke.
-func (c *Conn) finish(interrupted bool) {
+// closes: the rest of a committed record and the last record, typ — a fin
+// (Close; none if one went already) or a close record (Abort; allowed
+// after a fin) — waiting at most closeFlushWait; if Close interrupted a
+// Write, it tries once without waiting. What does not fit is lost, and the
+// agent sees the socket close mid-record or without a fin: the channel
+// broke.
+func (c *Conn) finish(interrupted bool, typ byte, payload []byte) {
 	if c.werr != nil {
 		return
 	}
+	last := typ == local.RecClose || !c.wdone
 	if !interrupted {
 		c.c.SetWriteDeadline(time.Now().Add(closeFlushWait))
-		if c.flush() == nil && !c.wdone {
-			c.wdone, _ = c.writeRecord(local.RecFin, nil)
+		if c.flush() == nil && last {
+			counted, _ := c.writeRecord(typ, payload)
+			c.wdone = c.wdone || counted
 		}
 		return
 	}
 	b := c.tail
-	if !c.wdone {
-		local.PutRecordHeader(c.hdr[:], local.RecFin, 0)
-		b = append(b, c.hdr[:]...)
+	if last {
+		local.PutRecordHeader(c.hdr[:], typ, len(payload))
+		b = append(append(b, c.hdr[:]...), payload...)
 	}
 	rc, err := c.c.SyscallConn()
 	if err != nil || len(b) == 0 {

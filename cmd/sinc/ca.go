@@ -1,9 +1,13 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"io"
+	"math"
+	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -12,7 +16,7 @@ import (
 
 func runCA(args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
-		return usagef("want a subcommand: init, sign or revoke")
+		return usagef("want a subcommand: init, sign, revoke or policy")
 	}
 	switch args[0] {
 	case "init":
@@ -21,8 +25,10 @@ func runCA(args []string, stdout, stderr io.Writer) error {
 		return runCASign(args[1:], stdout, stderr)
 	case "revoke":
 		return runCARevoke(args[1:], stdout, stderr)
+	case "policy":
+		return runCAPolicy(args[1:], stdout, stderr)
 	}
-	return usagef("unknown subcommand %q: want init, sign or revoke", args[0])
+	return usagef("unknown subcommand %q: want init, sign, revoke or policy", args[0])
 }
 
 func runCAInit(args []string, stdout, stderr io.Writer) error {
@@ -83,6 +89,7 @@ func runCARevoke(args []string, stdout, stderr io.Writer) error {
 	fs.Var(&nodes, "node", "revoke every certificate of this node (repeat)")
 	fs.Var(&fps, "fingerprint", "revoke the certificate with this fingerprint (repeat)")
 	out := fs.String("out", "", "the revocation list to add to, under its serial + 1 (default DIR/"+cert.RevocationsFile+")")
+	ef := addEtcdFlags(fs)
 	if _, err := parse(fs, args, 0); err != nil {
 		return err
 	}
@@ -91,6 +98,9 @@ func runCARevoke(args []string, stdout, stderr io.Writer) error {
 	}
 	if len(nodes)+len(fps) == 0 {
 		return usagef("give --node or --fingerprint")
+	}
+	if _, _, err := ef.check(); err != nil {
+		return err
 	}
 	var fpv []cert.Fingerprint
 	for _, s := range fps {
@@ -104,13 +114,86 @@ func runCARevoke(args []string, stdout, stderr io.Writer) error {
 	if path == "" {
 		path = filepath.Join(*dir, cert.RevocationsFile)
 	}
-	r, err := cert.Revoke(*dir, path, nodes, fpv, time.Now())
+	var r *cert.Revocations
+	var err error
+	if ef.set() {
+		r, err = revokeAndPublish(*dir, path, ef, nodes, fpv, stdout, stderr)
+	} else {
+		r, err = cert.Revoke(*dir, path, nodes, fpv, time.Now())
+	}
 	if err != nil {
 		return err
 	}
 	fmt.Fprintf(stdout, "revocation list %s: serial %d, %d node(s), %d certificate(s), issued %s\n",
 		path, r.Serial, len(r.Nodes), len(r.Fingerprints), r.Issued.Format(time.RFC3339))
 	return nil
+}
+
+// revokeAndPublish signs the next revocation list and puts it in the
+// registry as well as at path. The list it signs holds every entry of the
+// list at path, of the registry's list, and the new ones (revocations only
+// ever grow, so two operators' lists merge without loss), under a serial one
+// above the higher of the two: the registry never goes back, even when
+// another operator published a list this CA folder has not seen.
+func revokeAndPublish(caDir, path string, ef *etcdFlags, nodes []string, fps []cert.Fingerprint, stdout, stderr io.Writer) (*cert.Revocations, error) {
+	now := time.Now()
+	v, err := caVerifier(caDir, now)
+	if err != nil {
+		return nil, err
+	}
+	pub, err := openPublisher(ef, stderr)
+	if err != nil {
+		return nil, err
+	}
+	defer pub.Close()
+	key := pub.layout.Revocations()
+	var r *cert.Revocations
+	_, err = pub.publish(key, func(cur []byte) ([]byte, func() error, error) {
+		file := &cert.Revocations{}
+		if _, err := os.Stat(path); err == nil {
+			if file, err = cert.LoadRevocations(path, v); err != nil {
+				return nil, nil, fmt.Errorf("the existing list: %w", err)
+			}
+		}
+		reg := &cert.Revocations{}
+		if cur != nil {
+			got, err := cert.ParseRevocations(cur, v)
+			switch {
+			case errors.Is(err, cert.ErrUnknownCA):
+				return nil, nil, fmt.Errorf("etcd key %s %w", key, errOtherCA)
+			case err != nil:
+				fmt.Fprintf(stderr, "sinc: etcd key %s holds no valid revocation list (%v): replacing it\n", key, err)
+			default:
+				reg = got
+			}
+		}
+		serial := max(file.Serial, reg.Serial)
+		if serial == math.MaxUint64 {
+			return nil, nil, fmt.Errorf("the newest list has the last serial, %d", serial)
+		}
+		all := slices.Concat(file.Nodes, reg.Nodes, nodes)
+		allFPs := slices.Concat(file.Fingerprints, reg.Fingerprints, fps)
+		next, err := cert.SignRevocations(caDir, serial+1, all, allFPs, now)
+		if err != nil {
+			return nil, nil, err
+		}
+		r = next
+		return next.EncodePEM(), func() error { return next.WriteFile(path, 0o644) }, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	fmt.Fprintf(stdout, "published to etcd at %s as %s\n", pub.endpoints, key)
+	return r, nil
+}
+
+// caVerifier returns a verifier for the CA certificate in caDir.
+func caVerifier(caDir string, now time.Time) (*cert.Verifier, error) {
+	ca, err := cert.LoadCertificate(filepath.Join(caDir, cert.CACertFile))
+	if err != nil {
+		return nil, err
+	}
+	return cert.NewVerifier(ca, now)
 }
 
 func runCert(args []string, stdout, stderr io.Writer) error {

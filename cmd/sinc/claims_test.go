@@ -26,7 +26,7 @@ import (
 	"sinc.dev/sinc/internal/local"
 )
 
-// The claims of DESIGN.md §2, end to end: real agent processes, and real
+// The claims (docs/design.md, "The claims and where they live"), end to end: real agent processes, and real
 // client processes under two different uids.
 
 // testUser makes (or finds) a system user for the end-to-end tests.

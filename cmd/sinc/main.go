@@ -21,16 +21,29 @@ commands:
           [--valid-for DURATION] --out OUTDIR
                        make a node's key pair and certificate
   ca revoke --dir DIR (--node NAME | --fingerprint FP)... [--out FILE]
-                       add to the CA's signed revocation list
+            [--etcd ENDPOINTS [--prefix P] [--etcd-ca F --etcd-cert F --etcd-key F]]
+                       add to the CA's signed revocation list (and publish it)
+  ca policy --dir DIR --file POLICY.toml [--out FILE] [--etcd ENDPOINTS ...]
+                       sign the cluster policy ([[allow]] rules) (and publish it)
   cert show FILE       print a certificate's fields and fingerprint
   agent --config FILE  run a node's agent
   peers --admin PATH [--json]
-                       list an agent's peer links
+                       list an agent's peer links (linked / idle / unlinked)
+  nodes --admin PATH [--json]
+                       the registry as an agent sees it: nodes, records,
+                       links, and the registry's own state
   dial ADDR [--socket PATH] [--message]
                        open a channel to node/partition/service; stdin and
                        stdout are its two directions (netcat-like)
   listen SERVICE [--socket PATH] [--exec CMD]
                        accept a channel (or, with --exec, run CMD for each)
+  forward LISTEN ADDR [--socket PATH] [--mode M --owner U --group G]
+                       relay each connection to a Unix socket or a loopback
+                       TCP port (any local user can use a TCP port) to a
+                       channel to ADDR (node/partition/service)
+  expose SERVICE TARGET [--socket PATH]
+                       relay each channel to SERVICE to a TCP address or a
+                       Unix socket
   conns [--socket PATH | --admin PATH] [--json]
                        the connection table: a partition's rows, or all
   stats --admin PATH [--json]
@@ -50,6 +63,7 @@ var commands = map[string]command{
 	"cert":   runCert,
 	"agent":  runAgent,
 	"peers":  runPeers,
+	"nodes":  runNodes,
 	"dial":   runDial,
 	"listen": runListen,
 	"conns":  runConns,
@@ -58,6 +72,10 @@ var commands = map[string]command{
 	"bench":  runBench,
 	// bench-worker is the benchmark's server and client processes.
 	"bench-worker": runBenchWorker,
+
+	// Unmodified programs: relays between local sockets and channels.
+	"forward": runForward,
+	"expose":  runExpose,
 }
 
 func main() {

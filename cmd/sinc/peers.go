@@ -39,7 +39,7 @@ func runPeers(args []string, stdout, stderr io.Writer) error {
 func printPeers(w io.Writer, node string, rows []admin.PeerRow, now time.Time) {
 	fmt.Fprintf(w, "peers of %s:\n", node)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "PEER\tADDRESS\tSTATE\tSINCE\tCERT EXPIRES\tNEXT REKEY\tFRAMES OUT/IN\tBYTES OUT/IN\tLAST ERROR")
+	fmt.Fprintln(tw, "PEER\tADDRESS\tSTATE\tLINK\tSINCE\tCERT EXPIRES\tNEXT REKEY\tFRAMES OUT/IN\tBYTES OUT/IN\tLAST ERROR")
 	for _, r := range rows {
 		exp := "-"
 		if !r.CertExpiry.IsZero() {
@@ -56,8 +56,12 @@ func printPeers(w io.Writer, node string, rows []admin.PeerRow, now time.Time) {
 		if !r.NextRekey.IsZero() {
 			rekey = "in " + r.NextRekey.Sub(now).Round(time.Second).String()
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s ago\t%s\t%s\t%d/%d\t%d/%d\t%s\n", r.Peer, r.Address, r.State,
-			now.Sub(r.Since).Round(time.Millisecond), exp, rekey, r.FramesOut, r.FramesIn, r.BytesOut, r.BytesIn, last)
+		since := "-" // known to the registry only
+		if !r.Since.IsZero() {
+			since = now.Sub(r.Since).Round(time.Millisecond).String() + " ago"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d/%d\t%d/%d\t%s\n", r.Peer, r.Address, r.State, r.Link,
+			since, exp, rekey, r.FramesOut, r.FramesIn, r.BytesOut, r.BytesIn, last)
 	}
 	tw.Flush()
 }

@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"sinc.dev/sinc/internal/local"
+	"sinc.dev/sinc/internal/registry"
 )
 
 const (
@@ -34,7 +35,7 @@ const (
 // Request is one admin request.
 type Request struct {
 	V  int    `json:"v"`
-	Op string `json:"op"` // "peers", "conns" or "stats"
+	Op string `json:"op"` // "peers", "conns", "stats" or "nodes"
 }
 
 // Response is the agent's answer.
@@ -45,6 +46,8 @@ type Response struct {
 	Peers    []PeerRow         `json:"peers,omitempty"`
 	Conns    []ConnRow         `json:"conns,omitempty"`
 	Counters map[string]uint64 `json:"counters,omitempty"`
+	Registry *registry.Status  `json:"registry,omitempty"` // "nodes": the registry's own state
+	Nodes    []NodeRow         `json:"nodes,omitempty"`
 }
 
 // Error is a failed request.
@@ -69,9 +72,12 @@ type ConnRow struct {
 
 // PeerRow is one row of the peer table.
 type PeerRow struct {
-	Peer        string    `json:"peer"`
-	Address     string    `json:"address"`
-	State       string    `json:"state"` // "up", "connecting", "down"
+	Peer    string `json:"peer"`
+	Address string `json:"address"`
+	State   string `json:"state"` // "up", "connecting", "down"; "unlinked" for a node known to the registry only
+	// Link is "linked" (up, carrying channels), "idle" (up, carrying
+	// none) or "unlinked" (no link up).
+	Link        string    `json:"link"`
 	Since       time.Time `json:"since"`
 	Initiator   bool      `json:"initiator,omitempty"`
 	CertExpiry  time.Time `json:"cert_expiry,omitzero"`
@@ -82,6 +88,25 @@ type PeerRow struct {
 	FramesIn    uint64    `json:"frames_in"`
 	BytesIn     uint64    `json:"bytes_in"`
 	LastError   string    `json:"last_error,omitempty"`
+}
+
+// NodeRow is one node as the agent's registry has it (sinc nodes).
+type NodeRow struct {
+	Node      string   `json:"node"`
+	Self      bool     `json:"self,omitempty"` // this agent's own record
+	Addresses []string `json:"addresses"`
+	// Instance and Fingerprint are the record's (etcd), in hex.
+	Instance    string `json:"instance,omitempty"`
+	Fingerprint string `json:"fingerprint,omitempty"`
+	// Record is "current" (in the registry's view), "gone" for a peer
+	// whose record left while it still has a link or channels, or
+	// "configured" for a peer of the static file.
+	Record string `json:"record"`
+	// CertExpiry is the end of the node's certificate, when this agent
+	// has it: read from the registry for a dial, or presented on a link.
+	CertExpiry time.Time `json:"cert_expiry,omitzero"`
+	Link       string    `json:"link"` // as in PeerRow
+	Channels   int       `json:"channels"`
 }
 
 // Query sends req to the admin socket at path and returns the reply.

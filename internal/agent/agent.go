@@ -1,4 +1,4 @@
-// Package agent is the trusted per-node agent (DESIGN.md §1): it holds the
+// Package agent is the trusted per-node agent (docs/design.md): it holds the
 // node's key, keeps one authenticated link to each peer agent, and serves
 // the admin socket.
 package agent
@@ -60,6 +60,7 @@ type Agent struct {
 	budget     *memBudget // limits.memory: bytes buffered for all channels
 	spare      fdSpare    // a file descriptor kept for answering when out of them
 	policy     atomic.Pointer[policy.Policy]
+	pol        policyState // with a registry: its policy and the listen rules (policydoc.go)
 	revoked    atomic.Pointer[cert.Revocations]
 	rev        revocationState // serial order of revocation lists (revoke.go)
 	tables     *tables
@@ -133,8 +134,10 @@ func New(cfg *config.Config, log *slog.Logger) (*Agent, error) {
 		localConns: map[*net.UnixConn]struct{}{},
 	}
 	a.budget = newBudget(int64(cfg.Limits.Memory), int64(cfg.Limits.Memory)/8)
-	a.self = &selfCarrier{a: a, bud: a.peerBudget(), pending: make(chan struct{}, maxAccepting)}
+	a.self = &selfCarrier{a: a, bud: a.peerBudget(), pending: make(chan struct{}, maxAccepting),
+		answers: make(chan struct{}, maxReplies)}
 	a.policy.Store(cfg.Policy)
+	a.pol.listen = cfg.ListenRules
 	a.linkCfg = &link.Config{
 		Private:          nodeKey[:32],
 		Public:           pub,
@@ -161,6 +164,12 @@ func New(cfg *config.Config, log *slog.Logger) (*Agent, error) {
 		if err := a.loadRevocations(); err != nil {
 			a.closeRegistry()
 			return nil, fmt.Errorf("revocations: %w", err)
+		}
+	}
+	if cfg.Registry != nil {
+		if err := a.restorePolicy(); err != nil {
+			a.closeRegistry()
+			return nil, fmt.Errorf("policy: %w", err)
 		}
 	}
 	return a, nil

@@ -25,14 +25,40 @@ type peerCarrier struct {
 	p       *peer
 	bud     *memBudget    // the peer's part of the memory budget
 	pending chan struct{} // one token per open of the peer's being accepted
+	answers chan struct{} // one token per reply being written
 }
 
 func (a *Agent) newPeerCarrier(p *peer) *peerCarrier {
-	return &peerCarrier{a: a, p: p, bud: a.peerBudget(), pending: make(chan struct{}, maxAccepting)}
+	return &peerCarrier{a: a, p: p, bud: a.peerBudget(), pending: make(chan struct{}, maxAccepting),
+		answers: make(chan struct{}, maxReplies)}
 }
 
-func (c *peerCarrier) budget() *memBudget   { return c.bud }
-func (c *peerCarrier) opens() chan struct{} { return c.pending }
+func (c *peerCarrier) budget() *memBudget     { return c.bud }
+func (c *peerCarrier) opens() chan struct{}   { return c.pending }
+func (c *peerCarrier) replies() chan struct{} { return c.answers }
+
+// maxReplies bounds the answers to one peer being written at once (reply).
+const maxReplies = 64
+
+// reply sends msg, an answer to a frame of the peer's — a refusal, a Close
+// for a channel this agent no longer has — off the link's reading
+// goroutine, which must not wait for the peer to read: the peer's reader
+// may be writing to us. A peer that sends such frames faster than it reads
+// the answers has at most maxReplies of them being written; the rest are
+// dropped and counted (its opens then time out, as when a frame is lost),
+// so it cannot pile up goroutines.
+func (a *Agent) reply(car carrier, msg []byte) {
+	select {
+	case car.replies() <- struct{}{}:
+	default:
+		a.counters.refuse("reply_backlog")
+		return
+	}
+	a.goRun(func() {
+		car.sendControl(msg)
+		<-car.replies()
+	})
+}
 
 var errNoLink = errors.New("no link to the peer")
 
@@ -65,10 +91,12 @@ type selfCarrier struct {
 	a       *Agent
 	bud     *memBudget
 	pending chan struct{}
+	answers chan struct{}
 }
 
-func (c *selfCarrier) budget() *memBudget   { return c.bud }
-func (c *selfCarrier) opens() chan struct{} { return c.pending }
+func (c *selfCarrier) budget() *memBudget     { return c.bud }
+func (c *selfCarrier) opens() chan struct{}   { return c.pending }
+func (c *selfCarrier) replies() chan struct{} { return c.answers }
 
 func (c *selfCarrier) name() string { return c.a.cfg.Node }
 

@@ -182,8 +182,9 @@ type carrier interface {
 	name() string // the peer node
 	sendControl(msg []byte) error
 	sendData(frame []byte) error
-	budget() *memBudget   // the peer's part of the memory budget
-	opens() chan struct{} // tokens of the peer's opens being accepted
+	budget() *memBudget     // the peer's part of the memory budget
+	opens() chan struct{}   // tokens of the peer's opens being accepted
+	replies() chan struct{} // tokens of answers being written (reply)
 }
 
 // minWindow is the least a channel grants at a time: room for the largest
@@ -339,10 +340,7 @@ func (ch *channel) finish(why *local.Error, tell *wire.Close) {
 		if why == nil {
 			why = &local.Error{Code: wire.CodeReset.String(), Message: "channel ended while opening"}
 		}
-		select {
-		case ch.opened <- why:
-		default:
-		}
+		ch.settle(why)
 	}
 	ch.rmu.Lock() // the receive step reads the keys under rmu
 	ch.keys.zero()

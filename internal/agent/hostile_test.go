@@ -33,7 +33,7 @@ import (
 // with node-c's identity and speaks the channel protocol by hand, sealing
 // and mutating data frames itself. node-a is a real agent; a Go client
 // listens on node-a/db/sink and is what must receive nothing but the
-// frames that pass every check of DESIGN.md §5.
+// frames that pass every check of the receive path (docs/design.md).
 
 // hostileWindow is node-a's channel window in these tests (config minimum).
 const hostileWindow = 64<<10 + 64
@@ -75,6 +75,8 @@ type hostile struct {
 	done   chan struct{} // closed when Serve returned
 	served error
 
+	block chan struct{} // if set, reading waits until it is closed
+
 	mu   sync.Mutex
 	ctl  [][]byte // every control message node-a sent, in order
 	data [][]byte // every data frame node-a sent, in order
@@ -82,6 +84,9 @@ type hostile struct {
 }
 
 func (h *hostile) HandleControl(_ *link.Link, msg []byte) {
+	if h.block != nil {
+		<-h.block
+	}
 	h.mu.Lock()
 	h.ctl = append(h.ctl, bytes.Clone(msg))
 	h.mu.Unlock()

@@ -12,7 +12,7 @@ import (
 	"sinc.dev/sinc/internal/wire"
 )
 
-// The key table (DESIGN.md §6, claims 11 and 12): a channel's keys, one
+// The key table (docs/design.md, "Tables"; claims 11 and 12): a channel's keys, one
 // per direction, readable by the agent alone — no method of any socket
 // returns them. The receiving agent of each direction picks its key (for
 // traffic to its own process) and sends it to the other agent in a control

@@ -16,7 +16,7 @@ import (
 	"sinc.dev/sinc/internal/wire"
 )
 
-// Channel open (DESIGN.md §5, claims 1, 8, 10, 11):
+// Channel open (docs/design.md; claims 1, 8, 10, 11):
 //
 //	dialing agent A                            accepting agent B
 //	check policy, pick index iA, key kA
@@ -242,8 +242,7 @@ func (a *Agent) handleAccept(car carrier, m *wire.Accept) {
 	if ch == nil || ch.id != m.InitConn {
 		// The open timed out here meanwhile: tell the acceptor to drop it.
 		c := &wire.Close{Index: m.Index, DstConn: m.Conn, SrcConn: m.InitConn, Code: wire.CodeTimeout, Reason: "the dialing side gave up"}
-		msg := c.Marshal()
-		a.goRun(func() { car.sendControl(msg) })
+		a.reply(car, c.Marshal())
 		return
 	}
 	ch.mu.Lock()
@@ -257,8 +256,8 @@ func (a *Agent) handleAccept(car carrier, m *wire.Accept) {
 		ch.mu.Unlock()
 		a.counters.malformed.Add(1)
 		a.log.Warn("peer accepted a channel with an impossible window", "peer", car.name(), "window", m.Window)
-		ch.opened <- &local.Error{Code: wire.CodeProtocol.String(), By: car.name(),
-			Message: fmt.Sprintf("%s answered with a window of %d bytes", car.name(), m.Window)}
+		ch.settle(&local.Error{Code: wire.CodeProtocol.String(), By: car.name(),
+			Message: fmt.Sprintf("%s answered with a window of %d bytes", car.name(), m.Window)})
 		return
 	}
 	// Under mu, not ended: the keys are there (end marks the channel
@@ -271,10 +270,21 @@ func (a *Agent) handleAccept(car carrier, m *wire.Accept) {
 	ch.smu.Unlock()
 	ch.mu.Unlock()
 	if !a.tables.setRemote(ch) {
-		ch.opened <- &local.Error{Code: wire.CodeExists.String(), Message: "duplicate channel ids from " + car.name()}
+		ch.settle(&local.Error{Code: wire.CodeExists.String(), Message: "duplicate channel ids from " + car.name()})
 		return
 	}
-	ch.opened <- nil
+	ch.settle(nil)
+}
+
+// settle hands dial the answer to its open: nil for accepted. The first
+// answer is the one taken; a peer that answers again (Refuses back to
+// back, say) before dial has ended the channel is not waited for — this
+// runs on the link's reading goroutine.
+func (ch *channel) settle(le *local.Error) {
+	select {
+	case ch.opened <- le:
+	default:
+	}
 }
 
 // handleRefuse fails a channel this agent dialed.
@@ -294,7 +304,7 @@ func (a *Agent) handleRefuse(car carrier, m *wire.Refuse) {
 	if by != car.name() { // an agent speaks only for itself
 		by = car.name()
 	}
-	ch.opened <- &local.Error{Code: m.Code.String(), Message: m.Reason, By: by}
+	ch.settle(&local.Error{Code: m.Code.String(), Message: m.Reason, By: by})
 }
 
 // handleOpen checks a peer's request to open a channel to a local service
@@ -306,10 +316,7 @@ func (a *Agent) handleOpen(car carrier, m *wire.Open) {
 		r := &wire.Refuse{InitIndex: m.Index, InitConn: m.Conn, Code: code, By: a.cfg.Node, Reason: fmt.Sprintf(format, args...)}
 		a.log.Info("channel open refused", "peer", car.name(), "from", m.SrcNode+"/"+m.SrcPart,
 			"to", m.DstNode+"/"+m.DstPart+"/"+m.DstSvc, "code", code, "reason", r.Reason)
-		// Not on the link's reading goroutine: a write may wait for the
-		// peer to read, and the peer's reader may be writing to us.
-		msg := r.Marshal()
-		a.goRun(func() { car.sendControl(msg) })
+		a.reply(car, r.Marshal())
 	}
 	if m.Window > wire.MaxWindow || m.Window == 0 {
 		a.log.Warn("peer opened a channel with an impossible window", "peer", car.name(), "window", m.Window)

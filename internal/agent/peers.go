@@ -50,6 +50,7 @@ type peer struct {
 	// link last carried a channel or an open (unix nanoseconds; read by
 	// the sweep without a.mu).
 	users     int
+	dialing   bool // the dial loop dials, no link being up (see register)
 	closing   *link.Link
 	closingAt time.Time
 	lastUse   atomic.Int64
@@ -158,6 +159,13 @@ func (a *Agent) register(l *link.Link, want *peer) (reason string, ok bool) {
 		if ci != ni && ci < ni {
 			return reasonAlreadyUp + " (dialed by " + ci + ")", false
 		}
+	}
+	if a.lazy && cur == nil && p.dialing && !l.Initiator() && a.cfg.Node < name {
+		// Both sides dial at once, for opens of their own: the link this
+		// agent dials, the lesser name's, is the one, on both sides. Were
+		// this one taken here, opens could go on it before the other side
+		// refused it for ours, and be lost with it.
+		return reasonAlreadyUp + " (being dialed by " + a.cfg.Node + ")", false
 	}
 	if p.closing != nil {
 		p.closing = nil
@@ -377,8 +385,8 @@ func (a *Agent) startPeer(p *peer) {
 // dialLoop keeps a link to p: while none is up it dials, with exponential
 // backoff and jitter between failures. Of two agents, the one with the
 // lesser name dials at once and the other gives it a moment first, so that
-// both seldom dial at the same time: a second link would replace the first
-// and end the channels on it.
+// both seldom dial at the same time: of two links dialed at once one is
+// refused (register), its handshake wasted.
 func (a *Agent) dialLoop(ctx context.Context, p *peer) {
 	t := a.cfg.Timers
 	backoff := t.DialMin
@@ -417,7 +425,19 @@ func (a *Agent) dialLoop(ctx context.Context, p *peer) {
 			}
 		}
 
+		// dialing tells register, under a.mu, that a link of this side
+		// may be on its way (see crossedDial).
+		a.mu.Lock()
+		up = p.link != nil
+		p.dialing = !up
+		a.mu.Unlock()
+		if up {
+			continue
+		}
 		err := a.dialPeer(ctx, p)
+		a.mu.Lock()
+		p.dialing = false
+		a.mu.Unlock()
 		if ctx.Err() != nil {
 			return
 		}
@@ -528,14 +548,16 @@ func (a *Agent) dialPeer(ctx context.Context, p *peer) error {
 	return nil
 }
 
-// peerRows returns the peer table, sorted by peer name.
+// peerRows returns the peer table, sorted by peer name; with links on
+// demand, the nodes the registry knows and this agent has no peer for
+// are rows too, unlinked.
 func (a *Agent) peerRows() []admin.PeerRow {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	rows := make([]admin.PeerRow, 0, len(a.peers))
 	for _, p := range a.peers {
 		r := admin.PeerRow{
-			Peer: p.name, Address: p.addr, State: p.state, Since: p.since, LastError: p.lastErr,
+			Peer: p.name, Address: p.addr, State: p.state, Link: a.linkState(p), Since: p.since, LastError: p.lastErr,
 			FramesOut: p.framesOut, BytesOut: p.bytesOut, FramesIn: p.framesIn, BytesIn: p.bytesIn,
 		}
 		if l := p.link; l != nil {
@@ -553,16 +575,32 @@ func (a *Agent) peerRows() []admin.PeerRow {
 		}
 		rows = append(rows, r)
 	}
-	slices.SortFunc(rows, func(x, y admin.PeerRow) int {
-		if x.Peer < y.Peer {
-			return -1
+	if a.lazy {
+		for _, n := range a.reg.Nodes() {
+			if a.peers[n.Name] == nil && n.Name != a.cfg.Node {
+				rows = append(rows, admin.PeerRow{Peer: n.Name, Address: n.Addresses[0], State: stateUnlinked, Link: stateUnlinked})
+			}
 		}
-		if x.Peer > y.Peer {
-			return 1
-		}
-		return 0
-	})
+	}
+	slices.SortFunc(rows, func(x, y admin.PeerRow) int { return cmp.Compare(x.Peer, y.Peer) })
 	return rows
+}
+
+// stateUnlinked is the state of a node known to the registry that this
+// agent has no peer for.
+const stateUnlinked = "unlinked"
+
+// linkState says whether p is linked (an up link that carries channels,
+// or opens on their way), idle (an up link that carries none) or
+// unlinked. Called with a.mu held.
+func (a *Agent) linkState(p *peer) string {
+	switch {
+	case p.link == nil:
+		return stateUnlinked
+	case p.users > 0 || a.tables.count(p.name) > 0:
+		return "linked"
+	}
+	return "idle"
 }
 
 func (a *Agent) handleAdmin(req admin.Request) *admin.Response {
@@ -576,6 +614,9 @@ func (a *Agent) handleAdmin(req admin.Request) *admin.Response {
 		}
 		slices.SortFunc(rows, func(x, y admin.ConnRow) int { return cmp.Compare(x.ID, y.ID) })
 		return &admin.Response{OK: true, Node: a.cfg.Node, Conns: rows}
+	case "nodes":
+		st := a.reg.Status()
+		return &admin.Response{OK: true, Node: a.cfg.Node, Registry: &st, Nodes: a.nodeRows()}
 	case "stats":
 		c := a.counters.snapshot()
 		c["memory_limit"] = uint64(a.budget.limit)
@@ -583,5 +624,5 @@ func (a *Agent) handleAdmin(req admin.Request) *admin.Response {
 		c["memory_peak"] = uint64(a.budget.peakUse())
 		return &admin.Response{OK: true, Node: a.cfg.Node, Counters: c}
 	}
-	return admin.Fail("unknown_op", fmt.Sprintf("unknown op %.40q; this agent knows: peers, conns, stats", req.Op))
+	return admin.Fail("unknown_op", fmt.Sprintf("unknown op %.40q; this agent knows: peers, conns, stats, nodes", req.Op))
 }

@@ -1,12 +1,17 @@
 package agent
 
 import (
+	"cmp"
 	"context"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
+	"sinc.dev/sinc/internal/admin"
 	"sinc.dev/sinc/internal/cert"
+	"sinc.dev/sinc/internal/link"
 	"sinc.dev/sinc/internal/registry"
 )
 
@@ -86,7 +91,7 @@ func (a *Agent) setupRegistry(c *cert.Certificate) error {
 		return fmt.Errorf("config %s: registry: %w", a.cfg.Path, err)
 	}
 	e, err := registry.NewEtcd(cli, registry.EtcdConfig{Prefix: r.Prefix, Endpoints: r.Etcd,
-		RequestTimeout: r.RequestTimeout, LeaseTTL: r.LeaseTTL, StartJitter: registryJitter}, a.selfRecord(c), a.log)
+		RequestTimeout: r.RequestTimeout, LeaseTTL: r.LeaseTTL, MaxNodes: r.MaxNodes, StartJitter: registryJitter}, a.selfRecord(c), a.log)
 	if err != nil {
 		cli.Close()
 		return fmt.Errorf("config %s: registry: %w", a.cfg.Path, err)
@@ -125,8 +130,19 @@ func (a *Agent) dialTargets(ctx context.Context, p *peer) ([]string, error) {
 	c := p.cert
 	a.mu.Unlock()
 	if c == nil || c.Fingerprint() != n.Fingerprint || a.revoked.Load().Revoked(c) || !time.Now().Before(c.NotAfter) {
-		var err error
-		if c, err = a.registryCert(ctx, n); err != nil {
+		err := fmt.Errorf("%w since %s", registry.ErrUnreachable, a.reg.Status().Since.Format(time.RFC3339))
+		if a.reg.Status().Connected {
+			c, err = a.registryCert(ctx, n)
+		}
+		if errors.Is(err, registry.ErrUnreachable) {
+			// etcd is down: the last view of the record says where the
+			// node is, and the handshake checks its certificate as the
+			// read would have (CA, validity, revocation, the record's
+			// fingerprint: checkRecord).
+			a.log.Info("registry unreachable: dialing on the last view of the record", "peer", p.name, "err", err)
+			return n.Addresses, nil
+		}
+		if err != nil {
 			a.counters.refuse("registry_certificate")
 			a.log.Warn("registry certificate refused: not dialing the node", "peer", p.name, "err", err)
 			return nil, err
@@ -200,4 +216,52 @@ func (a *Agent) checkRecord(c *cert.Certificate) error {
 		return fmt.Errorf("node %q: %w: its certificate %.16s… is not the one its record names (%.16s…)", c.Name, errRegistry, fp, n.Fingerprint)
 	}
 	return nil
+}
+
+// nodeRows returns the registry as this agent sees it (sinc nodes), with
+// the link state of each node and the peers whose record is gone, sorted
+// by name.
+func (a *Agent) nodeRows() []admin.NodeRow {
+	nodes := a.reg.Nodes()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	rows := make([]admin.NodeRow, 0, len(nodes)+1)
+	seen := make(map[string]bool, len(nodes))
+	row := func(p *peer, name string) admin.NodeRow {
+		r := admin.NodeRow{Node: name, Link: stateUnlinked, Record: "current", Channels: a.tables.count(name)}
+		if !a.lazy {
+			r.Record = "configured"
+		}
+		if p != nil {
+			r.Link = a.linkState(p)
+			if p.link != nil {
+				r.CertExpiry = p.link.Peer().NotAfter
+			} else if p.cert != nil {
+				r.CertExpiry = p.cert.NotAfter
+			}
+		}
+		return r
+	}
+	for _, n := range nodes {
+		seen[n.Name] = true
+		r := row(a.peers[n.Name], n.Name)
+		r.Addresses = n.Addresses
+		if n.Instance != ([link.InstanceSize]byte{}) {
+			r.Instance = hex.EncodeToString(n.Instance[:])
+			r.Fingerprint = n.Fingerprint.String()
+		}
+		if n.Name == a.cfg.Node {
+			r.Self, r.Link, r.CertExpiry = true, "", a.linkConfig().Cert.NotAfter
+		}
+		rows = append(rows, r)
+	}
+	for name, p := range a.peers {
+		if !seen[name] {
+			r := row(p, name)
+			r.Addresses, r.Record = []string{p.addr}, "gone"
+			rows = append(rows, r)
+		}
+	}
+	slices.SortFunc(rows, func(x, y admin.NodeRow) int { return cmp.Compare(x.Node, y.Node) })
+	return rows
 }

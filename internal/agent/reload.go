@@ -5,11 +5,13 @@ import (
 	"fmt"
 	"maps"
 	"os"
+	"slices"
 	"time"
 
 	"sinc.dev/sinc/internal/config"
 	"sinc.dev/sinc/internal/local"
 	"sinc.dev/sinc/internal/policy"
+	"sinc.dev/sinc/internal/registry"
 	"sinc.dev/sinc/internal/wire"
 )
 
@@ -24,6 +26,11 @@ import (
 //     with a reason both processes see, a changed address is used from the
 //     next dial on;
 //   - the certificate, key and revocation list (renew.go, revoke.go).
+//
+// With a registry, the peers, the revocation list and the policy are the
+// registry's (registry.go); a reload takes the partitions' listen rules,
+// combined with the registry's policy, and the certificate, which is
+// published again. Adding or removing [registry] needs a restart.
 //
 // A file that does not load keeps everything in force and says why in the
 // log. Other changes (timers, limits, partitions, addresses of this agent)
@@ -43,10 +50,22 @@ func (a *Agent) Reload() error {
 		a.log.Error("reload failed; keeping the policy in force", "err", err)
 		return err
 	}
-	a.policy.Store(cfg.Policy)
-	a.log.Info("policy reloaded", "rules", cfg.Policy.Len())
-	a.enforcePolicy()
-	a.reloadPeers(cfg.Peers)
+	if (cfg.Registry == nil) != (a.cfg.Registry == nil) {
+		err := fmt.Errorf("config %s: [registry] was added or removed: the agent needs a restart to change where its cluster comes from", a.cfg.Path)
+		a.log.Error("reload failed; keeping the policy in force", "err", err)
+		return err
+	}
+	if a.cfg.Registry != nil {
+		// The policy is the registry's; only the partitions' listen
+		// rules come from the file.
+		a.setListenRules(cfg.ListenRules)
+	} else {
+		a.policy.Store(cfg.Policy)
+		a.log.Info("policy reloaded", "rules", cfg.Policy.Len())
+		a.enforcePolicy()
+		a.reloadPeers(cfg.Peers)
+		a.reg.(*registry.Static).Set(cfg.Peers)
+	}
 	if fields := restartOnly(a.cfg, cfg); len(fields) > 0 {
 		a.log.Warn("config changes that need a restart were not taken", "fields", fields)
 	}
@@ -113,12 +132,22 @@ func restartOnly(cur, cfg *config.Config) []string {
 		{"timers", cur.Timers == cfg.Timers},
 		{"limits", cur.Limits == cfg.Limits},
 		{"partitions", maps.Equal(cur.Partitions, cfg.Partitions)},
+		{"registry", sameRegistry(cur.Registry, cfg.Registry)},
+		{"advertise", slices.Equal(cur.Advertise, cfg.Advertise)},
 	} {
 		if !f.same {
 			fields = append(fields, f.name)
 		}
 	}
 	return fields
+}
+
+func sameRegistry(a, b *config.Registry) bool {
+	if a == nil || b == nil {
+		return a == b
+	}
+	return slices.Equal(a.Etcd, b.Etcd) && a.Prefix == b.Prefix && a.CA == b.CA && a.Cert == b.Cert && a.Key == b.Key &&
+		a.DialTimeout == b.DialTimeout && a.RequestTimeout == b.RequestTimeout && a.LeaseTTL == b.LeaseTTL && a.MaxNodes == b.MaxNodes
 }
 
 // watchConfig reloads the config when its file changes.

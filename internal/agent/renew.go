@@ -56,6 +56,19 @@ func (a *Agent) reloadIdentity() error {
 		return err
 	}
 	tellKey("node", slot[:32])
+	if a.etcd != nil {
+		// The record names the new certificate before handshakes present
+		// it, and a peer whose view lags reads the record again
+		// (checkRecord). If the registry does not answer in time, the
+		// record follows when it does; until then peers refuse the new
+		// certificate and dials are tried again.
+		ctx, cancel := context.WithTimeout(context.Background(), 2*a.cfg.Registry.RequestTimeout)
+		err := a.etcd.SetSelf(ctx, a.selfRecord(c))
+		cancel()
+		if err != nil {
+			a.log.Warn("the registry record does not name the renewed certificate yet; using it anyway", "err", err)
+		}
+	}
 	next := *cur
 	next.Private, next.Public, next.Cert = slot[:32], pub, c
 	a.ident.Store(&next)

@@ -108,27 +108,19 @@ func (a *Agent) loadRevocations() error {
 }
 
 // putRevocations puts r, a list that verified, in force if it is newer
-// than the list in force, stores a copy in the state folder and applies
-// it; an older list, or other content under the serial in force, is
-// refused with a log line naming both. source names where r came from
-// (a file's path, an etcd key). Every source — the configured file, the
-// registry — goes through here, so none can take a list back. Called with
-// a.rev.mu held.
+// than the list in force (newerDoc), stores a copy in the state folder
+// and applies it. source names where r came from (a file's path, an etcd
+// key). Every source — the configured file, the registry — goes through
+// here, so none can take a list back. Called with a.rev.mu held.
 func (a *Agent) putRevocations(r *cert.Revocations, source string) {
 	in := a.revoked.Load()
-	switch c, err := r.Compare(in); {
-	case err != nil:
-		a.log.Error("revocation list refused: other content under the serial in force (suspicious: the CA signed two lists under one serial, or its key is not its own); the list in force stays",
-			"source", source, "serial", r.Serial, "issued", r.Issued, "entries", r.Len(),
-			"in_force_serial", in.Serial, "in_force_issued", in.Issued, "in_force_entries", in.Len())
+	c, err := r.Compare(in)
+	var was docVersion
+	if in != nil {
+		was = docVersion{in.Serial, in.Issued}
+	}
+	if !a.newerDoc("revocation list", source, c, err, docVersion{r.Serial, r.Issued}, was) {
 		return
-	case c < 0:
-		a.log.Error("revocation list refused: older than the list in force, which stays",
-			"source", source, "serial", r.Serial, "issued", r.Issued,
-			"in_force_serial", in.Serial, "in_force_issued", in.Issued)
-		return
-	case c == 0:
-		return // the list in force
 	}
 	a.revoked.Store(r)
 	if err := r.WriteFile(a.storedRevocations(), 0o600); err != nil {

@@ -561,8 +561,7 @@ func (a *Agent) handleCredit(car carrier, m *wire.Credit) {
 		// A channel we no longer have: tell the peer, so it does not wait
 		// for it (its Close may have been lost with a link).
 		c := &wire.Close{DstConn: m.SrcConn, SrcConn: m.DstConn, Code: wire.CodeClosed, Reason: "the channel is already closed"}
-		msg := c.Marshal()
-		a.goRun(func() { car.sendControl(msg) })
+		a.reply(car, c.Marshal())
 		return
 	}
 	if !a.idsMatch(car, ch, m.DstConn, m.SrcConn) || ch.ended.Load() {

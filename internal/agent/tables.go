@@ -10,7 +10,7 @@ import (
 	"sinc.dev/sinc/internal/local"
 )
 
-// The agent's three tables (DESIGN.md §6). One id, the connection id, names
+// The agent's three tables (docs/design.md, "Tables"). One id, the connection id, names
 // a channel in all three:
 //
 //   - the connection table (connRow): who talks to whom, readable by the

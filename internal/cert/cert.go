@@ -1,5 +1,5 @@
 // Package cert holds sinc's trust model: the cluster CA and the node
-// certificates it signs (DESIGN.md §3).
+// certificates it signs (docs/design.md, "Trust").
 //
 // A node certificate binds a node name to the node's static X25519
 // key-exchange public key and to the partitions the node may host, for a

@@ -9,12 +9,10 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"io"
 	"math"
 	"os"
 	"path/filepath"
 	"slices"
-	"syscall"
 	"time"
 )
 
@@ -217,27 +215,9 @@ func ParseRevocations(data []byte, v *Verifier) (*Revocations, error) {
 // must be a regular file of at most MaxRevocationsFileSize bytes (a FIFO
 // put in its place must not hang the reader).
 func LoadRevocations(path string, v *Verifier) (*Revocations, error) {
-	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
+	data, err := readRegularFile(path, MaxRevocationsFileSize)
 	if err != nil {
 		return nil, err
-	}
-	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return nil, err
-	}
-	if !st.Mode().IsRegular() {
-		return nil, fmt.Errorf("%s: not a regular file (%s)", path, st.Mode().Type())
-	}
-	if st.Size() > MaxRevocationsFileSize {
-		return nil, fmt.Errorf("%s: %d bytes, more than %d", path, st.Size(), MaxRevocationsFileSize)
-	}
-	data, err := io.ReadAll(io.LimitReader(f, MaxRevocationsFileSize+1))
-	if err != nil {
-		return nil, err
-	}
-	if len(data) > MaxRevocationsFileSize { // it grew since Stat
-		return nil, fmt.Errorf("%s: more than %d bytes", path, MaxRevocationsFileSize)
 	}
 	r, err := ParseRevocations(data, v)
 	if err != nil {
@@ -251,34 +231,7 @@ func LoadRevocations(path string, v *Verifier) (*Revocations, error) {
 // new file survives a crash (a temporary file in the same folder, synced,
 // renamed over path, then the folder synced).
 func (r *Revocations) WriteFile(path string, perm os.FileMode) error {
-	dir := filepath.Dir(path)
-	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name()) // fails harmlessly once renamed
-	_, err = tmp.Write(r.EncodePEM())
-	if err == nil {
-		err = tmp.Chmod(perm)
-	}
-	if err == nil {
-		err = tmp.Sync()
-	}
-	if cerr := tmp.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return err
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return err
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
+	return writeFileAtomic(path, r.EncodePEM(), perm)
 }
 
 // ParseFingerprint reads a hex fingerprint.
@@ -302,24 +255,45 @@ func ParseFingerprint(s string) (Fingerprint, error) {
 // copy the newest list back first (each agent keeps one in its state
 // folder).
 func Revoke(caDir, path string, nodes []string, fps []Fingerprint, now time.Time) (*Revocations, error) {
+	ca, err := LoadCertificate(filepath.Join(caDir, CACertFile))
+	if err != nil {
+		return nil, err
+	}
+	v, err := NewVerifier(ca, now)
+	if err != nil {
+		return nil, err
+	}
+	old := &Revocations{}
+	if _, err := os.Stat(path); err == nil {
+		if old, err = LoadRevocations(path, v); err != nil {
+			return nil, fmt.Errorf("the existing list: %w", err)
+		}
+	}
+	if old.Serial == math.MaxUint64 {
+		return nil, fmt.Errorf("the existing list %s has the last serial, %d", path, old.Serial)
+	}
+	r, err := SignRevocations(caDir, old.Serial+1, append(slices.Clone(old.Nodes), nodes...),
+		append(slices.Clone(old.Fingerprints), fps...), now)
+	if err != nil {
+		return nil, err
+	}
+	// Replace the file whole, so an agent never reads half a list.
+	return r, r.WriteFile(path, 0o644)
+}
+
+// SignRevocations signs a list of nodes and fingerprints (each kept once,
+// in the order given) with the CA in caDir under serial. The caller chooses
+// the serial: one more than the newest list it knows of.
+func SignRevocations(caDir string, serial uint64, nodes []string, fps []Fingerprint, now time.Time) (*Revocations, error) {
+	if serial == 0 {
+		return nil, errors.New("revocation list serial 0: serials start at 1")
+	}
 	ca, key, err := LoadCA(caDir, now)
 	if err != nil {
 		return nil, err
 	}
 	defer clear(key)
-	v, err := NewVerifier(ca, now)
-	if err != nil {
-		return nil, err
-	}
-	r := &Revocations{}
-	if _, err := os.Stat(path); err == nil {
-		if r, err = LoadRevocations(path, v); err != nil {
-			return nil, fmt.Errorf("the existing list: %w", err)
-		}
-	}
-	if r.Serial == math.MaxUint64 {
-		return nil, fmt.Errorf("the existing list %s has the last serial, %d", path, r.Serial)
-	}
+	r := &Revocations{Serial: serial, Issued: now.Truncate(time.Second)}
 	for _, n := range nodes {
 		if err := ValidName(n); err != nil {
 			return nil, fmt.Errorf("node: %w", err)
@@ -336,10 +310,7 @@ func Revoke(caDir, path string, nodes []string, fps []Fingerprint, now time.Time
 	if r.Len() > MaxRevocations {
 		return nil, fmt.Errorf("the list would have %d entries, more than %d", r.Len(), MaxRevocations)
 	}
-	r.Serial++
-	r.Issued = now.Truncate(time.Second)
 	body := r.encode(ca.Fingerprint())
 	r.raw = append(body, ed25519.Sign(key, body)...)
-	// Replace the file whole, so an agent never reads half a list.
-	return r, r.WriteFile(path, 0o644)
+	return r, nil
 }

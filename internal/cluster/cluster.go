@@ -34,11 +34,14 @@ type NodeSpec struct {
 	// Exec, if set, prefixes the agent's command line, e.g.
 	// ip netns exec NAME (which replaces itself with the agent).
 	Exec []string
+	// NoPeers leaves [peers] out of the config: the nodes come from a
+	// registry (a [registry] table in Extra).
+	NoPeers bool
 }
 
 // Timers overrides the agents' timers (empty fields keep the defaults).
 type Timers struct {
-	Handshake, Keepalive, DeadAfter, DialMin, DialMax, Open, Request, Grace, Rekey, Rotate string
+	Handshake, Keepalive, DeadAfter, DialMin, DialMax, Open, Request, Grace, Rekey, Rotate, LinkIdle string
 }
 
 // Cluster is a laid-out local cluster.
@@ -114,7 +117,7 @@ func (c *Cluster) writeConfig(n *Node, t Timers) error {
 	for _, kv := range [][2]string{{"handshake", t.Handshake}, {"keepalive", t.Keepalive},
 		{"dead_after", t.DeadAfter}, {"dial_min", t.DialMin}, {"dial_max", t.DialMax},
 		{"open", t.Open}, {"request", t.Request}, {"grace", t.Grace},
-		{"rekey", t.Rekey}, {"rotate", t.Rotate}} {
+		{"rekey", t.Rekey}, {"rotate", t.Rotate}, {"link_idle", t.LinkIdle}} {
 		if kv[1] != "" {
 			fmt.Fprintf(&b, "%s = %q\n", kv[0], kv[1])
 		}
@@ -123,7 +126,7 @@ func (c *Cluster) writeConfig(n *Node, t Timers) error {
 		fmt.Fprintf(&b, "\n[partitions.%s]\nsocket = %q\n%s\n", p, n.Partitions[p], n.Spec.PartitionExtra[p])
 	}
 	for _, other := range c.order {
-		if other != n.Name {
+		if other != n.Name && !n.Spec.NoPeers {
 			fmt.Fprintf(&b, "\n[peers.%s]\naddress = %q\n", other, c.Nodes[other].Listen)
 		}
 	}

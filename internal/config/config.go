@@ -337,41 +337,17 @@ func Parse(path string, data []byte) (*Config, error) {
 	if len(data) > MaxFileSize {
 		return nil, &Error{File: path, Err: fmt.Errorf("file is %d bytes, more than %d", len(data), MaxFileSize)}
 	}
-	// Parse first, then decode: a syntax error is the file's (the parser's
-	// last key may be a table or a key before the error), a value that does
-	// not fit its Go field is that field's.
-	var top toml.Primitive
-	md, err := toml.Decode(string(data), &top)
+	md, top, err := parseTOML(path, data)
 	if err != nil {
-		var pe toml.ParseError
-		if errors.As(err, &pe) {
-			return nil, &Error{File: path, Err: fmt.Errorf("line %d: %s", pe.Position.Line, pe.Message)}
-		}
-		return nil, &Error{File: path, Err: err}
+		return nil, err
 	}
 	var f file
 	if err := md.PrimitiveDecode(top, &f); err != nil {
 		return nil, decodeError(path, err, nil)
 	}
-	allow := make([]allowRule, len(f.Allow))
-	for i, p := range f.Allow {
-		field := fmt.Sprintf("allow[%d]", i)
-		// The library keeps one position per key path, that of the last
-		// [[allow]] to have the key: a line number would point at the
-		// wrong rule, so the index alone names it.
-		rename := func(key string) string { return field + strings.TrimPrefix(key, "allow") }
-		if err := md.PrimitiveDecode(p, &allow[i]); err != nil {
-			return nil, decodeError(path, err, rename)
-		}
-		var keys map[string]any
-		if err := md.PrimitiveDecode(p, &keys); err != nil {
-			return nil, decodeError(path, err, rename)
-		}
-		for _, k := range sortedKeys(keys) {
-			if !allowFields[k] {
-				return nil, &Error{File: path, Field: field + "." + toml.Key{k}.String(), Err: errors.New("unknown field")}
-			}
-		}
+	allow, err := decodeAllow(path, md, f.Allow)
+	if err != nil {
+		return nil, err
 	}
 	// The TOML decoder leaves a map empty, without an error, when the file
 	// gives it a value that is not a table ("peers = 3"): refuse that here.
@@ -560,6 +536,64 @@ func Parse(path string, data []byte) (*Config, error) {
 		}
 		c.Peers[name] = Peer{Name: name, Address: p.Address}
 	}
+	if c.Policy, err = allowPolicy(path, allow); err != nil {
+		return nil, err
+	}
+	if c.Policy, err = c.Policy.WithListenRules(listen); err != nil {
+		return nil, fail("partitions", err)
+	}
+	c.ListenRules = listen
+	if err := parseRegistry(c, &f); err != nil {
+		return nil, &Error{File: path, Field: err.field, Err: err.err}
+	}
+	return c, nil
+}
+
+// parseTOML parses data first, to decode it after: a syntax error is the
+// file's (the parser's last key may be a table or a key before the error), a
+// value that does not fit its Go field is that field's.
+func parseTOML(path string, data []byte) (toml.MetaData, toml.Primitive, error) {
+	var top toml.Primitive
+	md, err := toml.Decode(string(data), &top)
+	if err != nil {
+		var pe toml.ParseError
+		if errors.As(err, &pe) {
+			return md, top, &Error{File: path, Err: fmt.Errorf("line %d: %s", pe.Position.Line, pe.Message)}
+		}
+		return md, top, &Error{File: path, Err: err}
+	}
+	return md, top, nil
+}
+
+// decodeAllow decodes the [[allow]] tables of a file, one at a time, to
+// name a bad one by its index.
+func decodeAllow(path string, md toml.MetaData, prims []toml.Primitive) ([]allowRule, error) {
+	allow := make([]allowRule, len(prims))
+	for i, p := range prims {
+		field := fmt.Sprintf("allow[%d]", i)
+		// The library keeps one position per key path, that of the last
+		// [[allow]] to have the key: a line number would point at the
+		// wrong rule, so the index alone names it.
+		rename := func(key string) string { return field + strings.TrimPrefix(key, "allow") }
+		if err := md.PrimitiveDecode(p, &allow[i]); err != nil {
+			return nil, decodeError(path, err, rename)
+		}
+		var keys map[string]any
+		if err := md.PrimitiveDecode(p, &keys); err != nil {
+			return nil, decodeError(path, err, rename)
+		}
+		for _, k := range sortedKeys(keys) {
+			if !allowFields[k] {
+				return nil, &Error{File: path, Field: field + "." + toml.Key{k}.String(), Err: errors.New("unknown field")}
+			}
+		}
+	}
+	return allow, nil
+}
+
+// allowPolicy checks the decoded [[allow]] rules and makes their policy.
+func allowPolicy(path string, allow []allowRule) (*policy.Policy, error) {
+	fail := func(field string, err error) error { return &Error{File: path, Field: field, Err: err} }
 	var rules []policy.Rule
 	for i, a := range allow {
 		field := fmt.Sprintf("allow[%d]", i)
@@ -572,17 +606,11 @@ func Parse(path string, data []byte) (*Config, error) {
 		}
 		rules = append(rules, r)
 	}
-	if c.Policy, err = policy.New(rules); err != nil {
+	p, err := policy.New(rules)
+	if err != nil {
 		return nil, fail("allow", err)
 	}
-	if c.Policy, err = c.Policy.WithListenRules(listen); err != nil {
-		return nil, fail("partitions", err)
-	}
-	c.ListenRules = listen
-	if err := parseRegistry(c, &f); err != nil {
-		return nil, &Error{File: path, Field: err.field, Err: err.err}
-	}
-	return c, nil
+	return p, nil
 }
 
 // shareError is a limit that is a share of another and exceeds it.

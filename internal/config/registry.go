@@ -29,6 +29,8 @@ import (
 //	request_timeout = "2s"           # default: one request, then a retry
 //	lease_ttl = "20s"                # default: the record's lifetime
 //	                                 # after the agent stops renewing it
+//	max_nodes = 65536                # default: records kept; more are
+//	                                 # refused (a registry that floods)
 //
 // The partitions' listen rules ([[partitions.NAME.listen]]) stay in the
 // file: they are the node's own.
@@ -41,6 +43,7 @@ type Registry struct {
 	DialTimeout    time.Duration
 	RequestTimeout time.Duration
 	LeaseTTL       time.Duration // whole seconds
+	MaxNodes       int           // node records kept at most
 }
 
 // Defaults of the [registry] table.
@@ -49,6 +52,7 @@ const (
 	DefaultDialTimeout    = 5 * time.Second
 	DefaultRequestTimeout = 2 * time.Second
 	DefaultLeaseTTL       = 20 * time.Second
+	DefaultMaxNodes       = 65536
 )
 
 // MaxEndpoints bounds registry.etcd.
@@ -64,6 +68,7 @@ type registryFile struct {
 	DialTimeout    string   `toml:"dial_timeout"`
 	RequestTimeout string   `toml:"request_timeout"`
 	LeaseTTL       string   `toml:"lease_ttl"`
+	MaxNodes       *int     `toml:"max_nodes"`
 }
 
 // fieldError is a problem with one field, for Parse to wrap in an Error.
@@ -98,7 +103,7 @@ func parseRegistry(c *Config, f *file) *fieldError {
 		base = abs
 	}
 	reg := &Registry{Prefix: cmp.Or(r.Prefix, DefaultPrefix), DialTimeout: DefaultDialTimeout,
-		RequestTimeout: DefaultRequestTimeout, LeaseTTL: DefaultLeaseTTL}
+		RequestTimeout: DefaultRequestTimeout, LeaseTTL: DefaultLeaseTTL, MaxNodes: DefaultMaxNodes}
 	if len(r.Etcd) == 0 {
 		return fail("registry.etcd", "missing: the etcd endpoints, like [\"10.0.0.9:2379\"]")
 	}
@@ -150,6 +155,12 @@ func parseRegistry(c *Config, f *file) *fieldError {
 			return fail(d.field, "%s is outside %s..%s", v, d.min, d.max)
 		}
 		*d.dst = v
+	}
+	if m := r.MaxNodes; m != nil {
+		if *m < 1 || *m > 1<<20 {
+			return fail("registry.max_nodes", "%d is outside 1..%d", *m, 1<<20)
+		}
+		reg.MaxNodes = *m
 	}
 	if reg.LeaseTTL%time.Second != 0 {
 		return fail("registry.lease_ttl", "%s is not a whole number of seconds (etcd leases count seconds)", reg.LeaseTTL)

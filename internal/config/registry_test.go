@@ -29,6 +29,7 @@ prefix = "/cluster/one"
 dial_timeout = "1s"
 request_timeout = "500ms"
 lease_ttl = "5s"
+max_nodes = 100
 
 [timers]
 link_idle = "10s"
@@ -39,7 +40,7 @@ link_idle = "10s"
 		t.Fatal(err)
 	}
 	want := config.Registry{Etcd: []string{"https://10.0.0.9:2379", "etcd-2.example:2379", "https://127.0.0.1:2379/"},
-		Prefix: "/cluster/one", DialTimeout: time.Second, RequestTimeout: 500 * time.Millisecond, LeaseTTL: 5 * time.Second}
+		Prefix: "/cluster/one", DialTimeout: time.Second, RequestTimeout: 500 * time.Millisecond, LeaseTTL: 5 * time.Second, MaxNodes: 100}
 	if c.Registry == nil || !equalRegistry(*c.Registry, want) {
 		t.Errorf("Registry = %+v, want %+v", c.Registry, want)
 	}
@@ -61,7 +62,7 @@ link_idle = "10s"
 func equalRegistry(a, b config.Registry) bool {
 	return strings.Join(a.Etcd, ",") == strings.Join(b.Etcd, ",") && a.Prefix == b.Prefix && a.CA == b.CA &&
 		a.Cert == b.Cert && a.Key == b.Key && a.DialTimeout == b.DialTimeout &&
-		a.RequestTimeout == b.RequestTimeout && a.LeaseTTL == b.LeaseTTL
+		a.RequestTimeout == b.RequestTimeout && a.LeaseTTL == b.LeaseTTL && a.MaxNodes == b.MaxNodes
 }
 
 func TestRegistryDefaults(t *testing.T) {
@@ -74,7 +75,7 @@ key = "tls/client.key"`)))
 	}
 	want := config.Registry{Etcd: []string{"127.0.0.1:2379"}, Prefix: "/sinc", CA: "/etc/sinc/tls/ca.pem",
 		Cert: "/etc/etcd/client.pem", Key: "/etc/sinc/tls/client.key",
-		DialTimeout: 5 * time.Second, RequestTimeout: 2 * time.Second, LeaseTTL: 20 * time.Second}
+		DialTimeout: 5 * time.Second, RequestTimeout: 2 * time.Second, LeaseTTL: 20 * time.Second, MaxNodes: 65536}
 	if !equalRegistry(*c.Registry, want) {
 		t.Errorf("Registry = %+v, want %+v", c.Registry, want)
 	}
@@ -131,6 +132,8 @@ func TestRegistryBad(t *testing.T) {
 		{"lease_ttl too short", withRegistry("", etcd+"\nlease_ttl = \"1s\""), "registry.lease_ttl", "1s is outside 2s..1h0m0s"},
 		{"lease_ttl fraction", withRegistry("", etcd+"\nlease_ttl = \"2500ms\""), "registry.lease_ttl", "not a whole number of seconds"},
 		{"request_timeout past the ttl", withRegistry("", etcd+"\nlease_ttl = \"5s\"\nrequest_timeout = \"3s\""), "registry.request_timeout", "more than half of registry.lease_ttl (5s)"},
+		{"max_nodes zero", withRegistry("", etcd+"\nmax_nodes = 0"), "registry.max_nodes", "0 is outside 1..1048576"},
+		{"max_nodes a string", withRegistry("", etcd+"\nmax_nodes = \"many\""), "registry.max_nodes", "incompatible types"},
 		{"unknown registry field", withRegistry("", etcd+"\nendpoints = [\"h:1\"]"), "registry.endpoints", "unknown field"},
 		{"registry not a table", "registry = 1\n" + minimalConfig, "registry", "incompatible types"},
 

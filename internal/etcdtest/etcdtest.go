@@ -22,7 +22,11 @@
 //	running   exits on its own        exited: WaitHealthy reports it
 //
 // Processes are started with Pdeathsig so that a test binary that dies
-// without running its cleanups takes its etcd members with it.
+// without running its cleanups takes its etcd members with it. (Linux sends
+// it when the thread that started the process ends; Go's threads outlive
+// the test unless one locked to a goroutine exits, so in practice it is the
+// process.) Each member runs in its own process group, so a terminal's ^C
+// reaches the test, whose cleanups stop the members in order.
 package etcdtest
 
 import (

@@ -1,5 +1,5 @@
 // Package ident gives the kernel's identity of the process at the other end
-// of a Unix socket (DESIGN.md §1 property 2, §4): its pid, uid and gid from
+// of a Unix socket (docs/design.md, "Trust"): its pid, uid and gid from
 // SO_PEERCRED, and its start time, which together with the pid names the
 // process for the life of the system. An agent trusts only this, never what
 // a process says about itself.

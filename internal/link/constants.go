@@ -1,4 +1,4 @@
-// Package link is the peer link between two agents (DESIGN.md §5): a TCP
+// Package link is the peer link between two agents (docs/design.md): a TCP
 // connection on which a Noise_XX handshake, carrying each side's node
 // certificate, authenticates both agents and derives the session keys, and
 // after which every frame is length-prefixed and sealed.

@@ -65,8 +65,8 @@ func (e *Etcd) readDocs(ctx context.Context, s Sink) (int64, error) {
 // deliver hands one document to s, unless it is too large.
 func (e *Etcd) deliver(s Sink, kv *mvccpb.KeyValue) {
 	key := string(kv.Key)
-	if len(kv.Value) > MaxValueSize {
-		e.log.Warn("registry document refused: too large", "key", key, "bytes", len(kv.Value), "limit", MaxValueSize)
+	if max := e.keys.Bound(key); len(kv.Value) > max {
+		e.log.Warn("registry document refused: too large", "key", key, "bytes", len(kv.Value), "limit", max)
 		return
 	}
 	source := "etcd " + key + " (revision " + strconv.FormatInt(kv.ModRevision, 10) + ")"

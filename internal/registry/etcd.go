@@ -42,6 +42,9 @@ type Etcd struct {
 
 	mu      sync.Mutex
 	self    Self
+	selfGen uint64        // counts changes of self
+	putGen  uint64        // the selfGen last put
+	putDone chan struct{} // closed and replaced at every put
 	status  Status
 	changed chan struct{} // self changed: put again (cap 1)
 	gone    chan struct{} // own record seen deleted (cap 1)
@@ -60,6 +63,8 @@ type EtcdConfig struct {
 	// StartJitter delays the first requests by a random time up to it, so
 	// that a cluster of agents started at once does not arrive at once.
 	StartJitter time.Duration
+	// MaxNodes bounds the records kept (0: no bound); more are refused.
+	MaxNodes int
 	// DocsEvery is how often the documents are read again whatever the
 	// watch says (a watch on a rarely written key is the one compaction
 	// breaks); 0 means 30 s.
@@ -85,22 +90,41 @@ func NewEtcd(cli *clientv3.Client, cfg EtcdConfig, self Self, log *slog.Logger) 
 	if err != nil {
 		return nil, err
 	}
+	v := newView()
+	v.max = cfg.MaxNodes
 	return &Etcd{
-		cli: cli, cfg: cfg, keys: keys, log: log.With("registry", "etcd"), view: newView(),
+		cli: cli, cfg: cfg, keys: keys, log: log.With("registry", "etcd"), view: v,
 		self:    self,
 		status:  Status{Backend: "etcd", Endpoints: cfg.Endpoints, LeaseTTL: int64(cfg.LeaseTTL / time.Second), Since: time.Now()},
 		changed: make(chan struct{}, 1),
 		gone:    make(chan struct{}, 1),
+		putDone: make(chan struct{}),
 	}, nil
 }
 
 // SetSelf changes what this agent publishes (its certificate was
-// renewed): the record and certificate are put again under the lease.
-func (e *Etcd) SetSelf(s Self) {
+// renewed): the record and certificate are put again under the lease. It
+// returns once they are, or with ctx's error (they are put later).
+func (e *Etcd) SetSelf(ctx context.Context, s Self) error {
 	e.mu.Lock()
 	e.self = s
+	e.selfGen++
+	gen := e.selfGen
 	e.mu.Unlock()
 	poke(e.changed)
+	for {
+		e.mu.Lock()
+		done, wait := e.putGen >= gen, e.putDone
+		e.mu.Unlock()
+		if done {
+			return nil
+		}
+		select {
+		case <-wait:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
 }
 
 func poke(c chan struct{}) {
@@ -164,7 +188,10 @@ func (e *Etcd) Refresh(ctx context.Context, name string) (Node, bool, error) {
 		e.refused(name, err)
 		return Node{}, false, err
 	}
-	e.view.put(n)
+	if _, err := e.view.put(n); err != nil {
+		e.refused(name, err)
+		return Node{}, false, err
+	}
 	return n, true, nil
 }
 
@@ -179,7 +206,7 @@ func (e *Etcd) Certificate(ctx context.Context, name string) ([]byte, error) {
 		return nil, err
 	}
 	if len(resp.Kvs) == 0 {
-		return nil, fmt.Errorf("registry has no certificate for %s (%s)", name, e.keys.Cert(name))
+		return nil, fmt.Errorf("%w: %s (%s)", ErrNoCertificate, name, e.keys.Cert(name))
 	}
 	v := resp.Kvs[0].Value
 	if len(v) > MaxValueSize {
@@ -194,15 +221,7 @@ func (e *Etcd) Certificate(ctx context.Context, name string) ([]byte, error) {
 func (e *Etcd) retry(ctx context.Context, what string, op func(context.Context) error) error {
 	var err error
 	wait := 100 * time.Millisecond
-	for try := 0; try < 3; try++ {
-		if try > 0 {
-			select {
-			case <-time.After(wait/2 + rand.N(wait/2+1)):
-			case <-ctx.Done():
-				return errors.Join(err, ctx.Err())
-			}
-			wait *= 2
-		}
+	for try := 1; ; try++ {
 		rctx, cancel := context.WithTimeout(ctx, e.cfg.RequestTimeout)
 		err = op(clientv3.WithRequireLeader(rctx))
 		cancel()
@@ -210,12 +229,19 @@ func (e *Etcd) retry(ctx context.Context, what string, op func(context.Context) 
 			e.reachable()
 			return nil
 		}
-		if ctx.Err() != nil {
-			return errors.Join(err, ctx.Err())
+		if try == 3 || ctx.Err() != nil {
+			break
 		}
+		select {
+		case <-time.After(wait/2 + rand.N(wait/2+1)):
+		case <-ctx.Done():
+		}
+		wait *= 2
 	}
-	err = fmt.Errorf("registry: %s: %w", what, err)
-	e.unreachable(err)
+	err = fmt.Errorf("%w: %s: %w", ErrUnreachable, what, err)
+	if ctx.Err() == nil || errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		e.unreachable(err) // not when the caller gave up (the agent stops)
+	}
 	return err
 }
 

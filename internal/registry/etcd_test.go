@@ -109,12 +109,15 @@ func selfOf(name, addr string) Self {
 }
 
 // startBackend runs a backend for node name under prefix on cli.
-func startBackend(t *testing.T, cli *clientv3.Client, prefix, name string) *running {
+func startBackend(t *testing.T, cli *clientv3.Client, prefix, name string, edit ...func(*EtcdConfig)) *running {
 	t.Helper()
 	var logs syncBuffer
 	log := slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug})).With("node", name)
-	e, err := NewEtcd(cli, EtcdConfig{Prefix: prefix, RequestTimeout: 500 * time.Millisecond, LeaseTTL: testTTL, DocsEvery: time.Second},
-		selfOf(name, "127.0.0.1:7701"), log)
+	cfg := EtcdConfig{Prefix: prefix, RequestTimeout: 500 * time.Millisecond, LeaseTTL: testTTL, DocsEvery: time.Second}
+	for _, f := range edit {
+		f(&cfg)
+	}
+	e, err := NewEtcd(cli, cfg, selfOf(name, "127.0.0.1:7701"), log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -462,5 +465,34 @@ func TestEtcdMemberKilled(t *testing.T) {
 	}
 	if len(a.sink.gone)+len(b.sink.gone) != 0 {
 		t.Errorf("nodes went: %v %v", a.sink.gone, b.sink.gone)
+	}
+}
+
+// TestEtcdMaxNodes: the view keeps at most MaxNodes records: more are
+// refused with a log line, and one that goes makes room for the next.
+func TestEtcdMaxNodes(t *testing.T) {
+	ec := etcdtest.Start(t, 1)
+	cli := ec.Client(t)
+	rec := func(name string) string {
+		b, _ := EncodeRecord(selfOf(name, "127.0.0.1:1").Node)
+		return string(b)
+	}
+	for i := range 5 {
+		putKey(t, cli, "/t8/nodes/node-"+itoa3(i), rec("node-"+itoa3(i)))
+	}
+	b := startBackend(t, testClient(t, ec.Endpoints()...), "/t8", "node-b", func(c *EtcdConfig) { c.MaxNodes = 3 })
+	within(t, 3*time.Second, "the view full", func() bool { return b.Status().Nodes == 3 })
+	within(t, 3*time.Second, "the rest refused", func() bool { return b.Status().Refused == 3 }) // node-0003, node-0004, node-b
+	if !b.sink.has("node-0000") || !b.sink.has("node-0002") || b.sink.has("node-0003") {
+		t.Errorf("nodes taken: %s", b.sink.names())
+	}
+	if !strings.Contains(b.log.String(), "max_nodes") {
+		t.Error("no log line says the view is full")
+	}
+	delKey(t, cli, "/t8/nodes/node-0000")
+	putKey(t, cli, "/t8/nodes/node-0009", rec("node-0009"))
+	within(t, 2*time.Second, "a new node in the room one left", func() bool { return b.sink.has("node-0009") && !b.sink.has("node-0000") })
+	if n := b.Status().Nodes; n != 3 {
+		t.Errorf("%d nodes in a view of 3", n)
 	}
 }

@@ -17,7 +17,8 @@ import (
 //	<prefix>/certs/<name>   the node's certificate (PEM, ≤ MaxValueSize), put by
 //	                        its own agent under the same lease; read when a
 //	                        link to the node is made, never watched
-//	<prefix>/revocations    the CA-signed revocation list (cert.Revocations)
+//	<prefix>/revocations    the CA-signed revocation list (cert.Revocations,
+//	                        ≤ MaxRevocationsSize)
 //	<prefix>/policy         the CA-signed cluster policy (cert.Policy)
 //
 // Readers refuse a value over its bound with a log line: the registry is
@@ -29,7 +30,12 @@ const DefaultPrefix = "/sinc"
 // Bounds of values read from the registry.
 const (
 	MaxRecordSize = 1 << 10  // a node record
-	MaxValueSize  = 64 << 10 // a certificate, the revocation list, the policy
+	MaxValueSize  = 64 << 10 // a certificate, the policy
+	// MaxRevocationsSize is the revocation list's bound, the same as its
+	// file's (cert.MaxRevocationsFileSize): a list of some thousand
+	// revoked certificates must still be publishable. Readers re-read it
+	// only when its revision changed.
+	MaxRevocationsSize = 1 << 20
 	// MaxPrefixLen bounds the prefix, so keys stay short.
 	MaxPrefixLen = 128
 )
@@ -92,6 +98,17 @@ func (l Layout) Revocations() string { return l.prefix + "/revocations" }
 
 // Policy is the key of the cluster policy.
 func (l Layout) Policy() string { return l.prefix + "/policy" }
+
+// Bound is the largest value a reader takes at key.
+func (l Layout) Bound(key string) int {
+	switch {
+	case key == l.Revocations():
+		return MaxRevocationsSize
+	case len(key) > len(l.Nodes()) && key[:len(l.Nodes())] == l.Nodes():
+		return MaxRecordSize
+	}
+	return MaxValueSize
+}
 
 // NodeName returns the node name of a record key (one under Nodes()),
 // refusing a key outside it or a name that is not a valid node name.

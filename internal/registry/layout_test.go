@@ -3,6 +3,8 @@ package registry
 import (
 	"strings"
 	"testing"
+
+	"sinc.dev/sinc/internal/cert"
 )
 
 func TestLayoutKeys(t *testing.T) {
@@ -62,6 +64,26 @@ func TestNodeName(t *testing.T) {
 		}
 		if len(err.Error()) > 400 {
 			t.Errorf("NodeName(%.40q): error of %d bytes", k, len(err.Error()))
+		}
+	}
+}
+
+func TestLayoutBounds(t *testing.T) {
+	l, err := NewLayout("/sinc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		key  string
+		want int
+	}{
+		{l.Node("node-a"), MaxRecordSize},
+		{l.Cert("node-a"), MaxValueSize},
+		{l.Policy(), MaxValueSize},
+		{l.Revocations(), cert.MaxRevocationsFileSize}, // every list the CA can write
+	} {
+		if got := l.Bound(c.key); got != c.want {
+			t.Errorf("Bound(%q) = %d, want %d", c.key, got, c.want)
 		}
 	}
 }

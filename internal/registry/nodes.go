@@ -110,15 +110,13 @@ func (e *Etcd) list(ctx context.Context, s Sink) (int64, error) {
 		}
 		from = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
 	}
-	for _, n := range found {
-		if e.view.put(n) {
-			s.NodeChanged(n)
-		}
-	}
 	for name := range e.view.names() {
 		if !seen[name] && e.view.remove(name) {
 			s.NodeGone(name)
 		}
+	}
+	for _, n := range found {
+		e.take(s, n)
 	}
 	e.mu.Lock()
 	e.status.Revision = rev
@@ -171,7 +169,18 @@ func (e *Etcd) apply(s Sink, ev *clientv3.Event) {
 		}
 		return
 	}
-	if e.view.put(n) {
+	e.take(s, n)
+}
+
+// take puts n, a record that parsed, in the view and tells s if it
+// changed; a new node that does not fit is refused.
+func (e *Etcd) take(s Sink, n Node) {
+	changed, err := e.view.put(n)
+	if err != nil {
+		e.refused(n.Name, err)
+		return
+	}
+	if changed {
 		s.NodeChanged(n)
 	}
 }

@@ -3,6 +3,7 @@ package registry
 import (
 	"context"
 	"errors"
+	"fmt"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
@@ -92,7 +93,7 @@ func (e *Etcd) grant(ctx context.Context) (clientv3.LeaseID, error) {
 // put writes the record and the certificate under lease id.
 func (e *Etcd) put(ctx context.Context, id clientv3.LeaseID) error {
 	e.mu.Lock()
-	self := e.self
+	self, gen := e.self, e.selfGen
 	e.mu.Unlock()
 	rec, err := EncodeRecord(self.Node)
 	if err != nil {
@@ -111,6 +112,9 @@ func (e *Etcd) put(ctx context.Context, id clientv3.LeaseID) error {
 	}
 	e.mu.Lock()
 	e.status.Published, e.status.PutAt = true, time.Now()
+	e.putGen = max(e.putGen, gen)
+	close(e.putDone)
+	e.putDone = make(chan struct{})
 	e.mu.Unlock()
 	e.log.Debug("registry: record put", "node", name, "lease", int64(id), "addresses", self.Node.Addresses)
 	return nil
@@ -158,7 +162,7 @@ func (e *Etcd) keep(ctx context.Context, id clientv3.LeaseID) string {
 			alive, err := e.leaseAlive(ctx, id)
 			switch {
 			case err != nil:
-				e.unreachable(err)
+				e.unreachable(fmt.Errorf("%w: ask the lease's time to live: %w", ErrUnreachable, err))
 			case !alive:
 				return "the lease expired while the keepalive was late"
 			default:

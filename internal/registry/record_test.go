@@ -133,7 +133,9 @@ func TestNodeMemory(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		v.put(node)
+		if _, err := v.put(node); err != nil {
+			t.Fatal(err)
+		}
 	}
 	runtime.GC()
 	runtime.ReadMemStats(&after)

@@ -109,6 +109,15 @@ type Status struct {
 	DocsReadAt time.Time `json:"docs_read_at,omitzero"`
 }
 
+// ErrUnreachable is wrapped by the errors of requests that found no etcd
+// to answer them (after their retries): the registry was not asked, as
+// opposed to answering that something is missing or wrong.
+var ErrUnreachable = errors.New("registry unreachable")
+
+// ErrNoCertificate is Certificate's error for a node the registry holds
+// no certificate of.
+var ErrNoCertificate = errors.New("no certificate in the registry")
+
 // ErrNoCertificates is Certificate's error for a backend that stores no
 // certificates (Static).
 var ErrNoCertificates = errors.New("this registry stores no certificates")

@@ -1,16 +1,25 @@
 package registry
 
-import "sync"
+import (
+	"errors"
+	"sync"
+)
 
 // view is a backend's copy of the node records: one Node per known node,
 // nothing else — no goroutine, no timer, no connection (a node becomes
-// more only when the agent links to it). Safe for concurrent use.
+// more only when the agent links to it) — and at most max of them (0: no
+// bound), so a registry that floods costs a bounded amount of memory.
+// Safe for concurrent use.
 type view struct {
 	mu    sync.RWMutex
 	nodes map[string]Node
+	max   int
 }
 
 func newView() *view { return &view{nodes: map[string]Node{}} }
+
+// errFull is put's error for a new node when the view holds max.
+var errFull = errors.New("the view holds registry.max_nodes records: refused")
 
 func (v *view) get(name string) (Node, bool) {
 	v.mu.RLock()
@@ -19,13 +28,17 @@ func (v *view) get(name string) (Node, bool) {
 	return n, ok
 }
 
-// put enters n and reports whether it changed the view.
-func (v *view) put(n Node) bool {
+// put enters n and reports whether it changed the view; a new node is
+// refused (errFull) when the view is full.
+func (v *view) put(n Node) (bool, error) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	old, ok := v.nodes[n.Name]
+	if !ok && v.max > 0 && len(v.nodes) >= v.max {
+		return false, errFull
+	}
 	v.nodes[n.Name] = n
-	return !ok || !sameNode(old, n)
+	return !ok || !sameNode(old, n), nil
 }
 
 // remove takes a node out and reports whether it was in.

@@ -1,5 +1,5 @@
 // Package replay is the anti-replay sliding window that a receiving agent
-// applies to the counters of a channel's data frames (DESIGN.md §5, "counter
+// applies to the counters of a channel's data frames (docs/design.md, "counter
 // not replayed"). It follows RFC 6479, "IPsec Anti-Replay Algorithm without
 // Bit Shifting": the window is a ring of 64-bit blocks indexed by counter>>6,
 // so sliding it forward clears whole blocks and never shifts bits.

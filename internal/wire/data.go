@@ -35,7 +35,12 @@ import (
 //	+                                                               +
 //	|                                                               |
 //	+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
-//	|  sealed payload ... and 16-byte tag                           |
+//	|  reserved, zero (16 bits)     |  sealed payload ...           |
+//	+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+                               +
+//	|  ... and 16-byte tag                                          |
+//
+// (38 bytes of header in all, DataHeaderLen; a frame whose reserved bytes
+// are not zero is refused.)
 //
 // The nonce is 32 zero bits and the counter, big endian: a key is never used
 // with the same counter twice, since a sender counts up from 0 and a new

@@ -1,0 +1,147 @@
+package main
+
+// sinc expose: a server that speaks TCP or a Unix socket is offered as a
+// sinc service without linking the client library. Each channel accepted
+// on the service is connected to the server, and relay.go copies the
+// bytes.
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"sync"
+	"syscall"
+	"time"
+
+	"sinc.dev/sinc"
+)
+
+const exposeHelp = `usage: sinc expose SERVICE TARGET [flags]
+
+Listens on SERVICE in the partition of --socket (default $SINC_SOCKET);
+each channel accepted there is connected to TARGET, and bytes are copied
+both ways. A half-close passes on as a half-close; a reset or a failure on
+either side ends the other as failed: the dialing program reads "aborted"
+with the reason, the server a TCP reset. A TARGET that refuses the
+connection ends the channel at once, with the reason, and the log says why.
+
+TARGET is a TCP address (127.0.0.1:5432) or a Unix socket path ("unix:PATH",
+or any path with a '/'). The server sees connections from the exposer, not
+from the remote program; who may reach SERVICE is the agents' policy (and
+the partition's listen rules, which check the exposer's uid).
+
+Stops on SIGTERM or SIGINT, and when the agent goes away (exit status 1).
+
+flags:
+`
+
+func runExpose(args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("expose", stderr)
+	socket := fs.String("socket", "", "the partition socket (default $SINC_SOCKET)")
+	maxConns := fs.Int("max-conns", defaultMaxConns, "channels relayed at once; past it, new ones are aborted at once")
+	timeout := fs.Duration("timeout", 10*time.Second, "how long connecting to TARGET may take")
+	logFormat := fs.String("log-format", "text", "log format: text or json")
+	logLevel := fs.String("log-level", "info", "log level: debug (a line per channel), info, warn, error")
+	fs.Usage = func() { fmt.Fprint(stderr, exposeHelp); fs.PrintDefaults() }
+	pos, err := parse(fs, args, 2)
+	if err != nil {
+		return err
+	}
+	if *maxConns < 1 || *timeout <= 0 {
+		return usagef("--max-conns must be at least 1 and --timeout positive")
+	}
+	target, err := parseLocalAddr(pos[1])
+	if err != nil {
+		return usageError{"TARGET " + err.Error()}
+	}
+	log, stopLog, err := newRelayLog(stderr, *logFormat, *logLevel)
+	if err != nil {
+		return err
+	}
+	defer stopLog()
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	lctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	l, err := (&sinc.ListenConfig{Socket: *socket}).Listen(lctx, pos[0])
+	cancel()
+	if err != nil {
+		return err
+	}
+	e := &exposer{target: target, dialer: &net.Dialer{Timeout: *timeout},
+		slots: make(limiter, *maxConns), log: log}
+	log.Info("exposing", "service", l.Addr().String(), "target", target.String(), "max_conns", *maxConns)
+	if err := e.serve(ctx, l); err != nil {
+		return err
+	}
+	log.Info("stopped", "service", l.Addr().String())
+	return nil
+}
+
+// exposer connects the channels of a service to target.
+type exposer struct {
+	target localAddr
+	dialer *net.Dialer
+	slots  limiter
+	log    *slog.Logger
+}
+
+// serve accepts until ctx ends (nil) or the listener fails (its error:
+// the agent went away), then fails the channels in progress and waits for
+// their relays to end.
+func (e *exposer) serve(ctx context.Context, l *sinc.Listener) error {
+	stopped := context.AfterFunc(ctx, func() { l.Close() })
+	defer stopped()
+	rctx, failAll := context.WithCancel(ctx)
+	defer failAll()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		c, err := l.AcceptSinc()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			failAll()
+			return err
+		}
+		info := c.Info()
+		from := []any{"from", info.RemoteNode + "/" + info.RemotePartition,
+			"from_uid", info.RemoteProcess.UID, "from_pid", info.RemoteProcess.PID, "conn", info.ID}
+		if !e.slots.tryAcquire() {
+			e.log.Warn("channel refused: too many connections", append(from, "service", l.Addr().String(), "max_conns", cap(e.slots))...)
+			c.Abort(fmt.Sprintf("sinc expose: at its limit of %d connections (--max-conns)", cap(e.slots)))
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer e.slots.release()
+			e.expose(rctx, c, from)
+		}()
+	}
+}
+
+// expose connects the channel c to the target and relays it.
+func (e *exposer) expose(ctx context.Context, c *sinc.Conn, from []any) {
+	channel := newChannelSide(c, c.RemoteAddr().String())
+	tc, err := e.dialer.DialContext(ctx, e.target.network, e.target.addr)
+	if err != nil {
+		e.log.Warn("target refused", append(from, "target", e.target.String(), "err", err)...)
+		channel.fail("sinc expose: " + err.Error())
+		return
+	}
+	ls, err := newLocalSide(tc)
+	if err != nil {
+		tc.Close()
+		channel.fail("sinc expose: " + err.Error())
+		return
+	}
+	start := time.Now()
+	res := relay(ctx, ls, channel)
+	logRelay(e.log, res, time.Since(start), append(from, "target", e.target.String())...)
+}

@@ -1,0 +1,91 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"runtime"
+	"testing"
+	"time"
+
+	"sinc.dev/sinc"
+	"sinc.dev/sinc/internal/wire"
+)
+
+// TestHostileRefusesBackToBack: a peer that answers one of node-a's opens
+// with a burst of Refuses gets the first taken and the rest dropped. (Each
+// Refuse used to be handed to the waiting dial with a blocking send on the
+// link's reading goroutine: the third found the one-slot hand-over full,
+// and node-a stopped reading node-c for good.)
+func TestHostileRefusesBackToBack(t *testing.T) {
+	e := startHostileEnv(t, false)
+	start := e.h.mark()
+	done := make(chan error, 1)
+	go func() {
+		_, err := (&sinc.Dialer{Socket: e.c.Nodes["node-a"].Partitions["db"], Kind: sinc.Stream}).DialContext(ctxT(t), "node-c/app/svc")
+		done <- err
+	}()
+	open, err := wire.ParseOpen(e.h.waitCtlFrom(t, start, "node-a's open", func(b []byte) bool { return b[0] == wire.OpOpen }))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 20 {
+		r := &wire.Refuse{InitIndex: open.Index, InitConn: open.Conn, Code: wire.CodeNoSuchService, By: "node-c", Reason: "no such service"}
+		e.h.sendCtl(t, r.Marshal())
+	}
+	select {
+	case err := <-done:
+		if !errors.Is(err, sinc.ErrNoSuchService) {
+			t.Fatalf("dial: %v, want the refusal", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the dial was not answered")
+	}
+	// node-a still reads node-c: a new open from it is answered.
+	e.h.openChan(t)
+	e.sink.next(t).Close()
+}
+
+// TestHostileAnswerFlood: a peer that sends frames node-a must answer — here
+// Credits for channels it does not have, each answered by a Close — while
+// it reads nothing cannot pile up goroutines in node-a: at most
+// maxReplies answers are being written at once, the rest are dropped and
+// counted as refused_reply_backlog.
+func TestHostileAnswerFlood(t *testing.T) {
+	e := startHostileEnv(t, false)
+	e.h.block = make(chan struct{}) // node-c stops reading
+	unblock := func() {
+		select {
+		case <-e.h.block:
+		default:
+			close(e.h.block)
+		}
+	}
+	defer unblock()
+	base := runtime.NumGoroutine()
+	peak := make(chan int, 1)
+	ctx, stop := context.WithCancel(context.Background())
+	go func() {
+		m := 0
+		for ctx.Err() == nil {
+			m = max(m, runtime.NumGoroutine())
+			time.Sleep(time.Millisecond)
+		}
+		peak <- m
+	}()
+	const n = 150_000 // answers of about 60 bytes: more than the sockets' buffers hold
+	for i := range n {
+		c := &wire.Credit{Index: 0x7fff0000 + uint32(i), DstConn: uint64(i), SrcConn: uint64(i), Granted: 1}
+		if err := e.h.l.Send(c.Marshal()); err != nil {
+			break // node-a closed the link: its writes found node-c not reading
+		}
+	}
+	time.Sleep(100 * time.Millisecond) // node-a reads what is on the way
+	stop()
+	if grew := <-peak - base; grew > 2*maxReplies {
+		t.Fatalf("goroutines grew by %d during the flood (bound %d answers being written)", grew, maxReplies)
+	}
+	eventually(t, 5*time.Second, "answers counted as dropped", func() bool {
+		return stats(t, e.a)["refused_reply_backlog"] > 0
+	})
+	unblock()
+}
