@@ -280,6 +280,9 @@ func (r *scaleRun) startFleet(ec *etcdtest.Cluster, cli *clientv3.Client, what s
 	for i := range pids {
 		pids[i] = strconv.Itoa(ec.PID(i))
 	}
+	if err := f.allowEverything(cli, registry.DefaultPrefix); err != nil {
+		t.Fatalf("publishing the cluster policy: %v", err)
+	}
 	e0, s0 := cpuOf(t, pids...), cpuOf(t, "self")
 	start := time.Now()
 	if err := f.start(4); err != nil {

@@ -31,6 +31,14 @@ type scalePair struct{ a, b *fleetNode }
 // pair linked to (for the revocation to cut).
 func (r *scaleRun) openPairs(f *fleet) *fleetNode {
 	t, n := r.t, r.n
+	waitFor(t, f, 30*time.Second, "every agent has the cluster policy in force", func() bool {
+		for _, nd := range f.nodes {
+			if !nd.hasPolicy() {
+				return false
+			}
+		}
+		return true
+	})
 	pairs := randomPairs(f, n)
 	listening := map[*fleetNode]bool{}
 	for _, p := range pairs {

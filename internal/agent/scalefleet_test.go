@@ -12,9 +12,11 @@ import (
 	"testing"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
+
 	"sinc.dev/sinc/internal/cert"
 	"sinc.dev/sinc/internal/config"
-	"sinc.dev/sinc/internal/policy"
+	"sinc.dev/sinc/internal/registry"
 )
 
 // A fleet is many agents of one cluster running in this process, each as a
@@ -166,31 +168,34 @@ func (f *fleet) startNode(n *fleetNode) error {
 	if err != nil {
 		return fmt.Errorf("agent %s: %w", n.name, err)
 	}
-	if err := allowEverything(a); err != nil {
-		return err
-	}
 	ctx, cancel := context.WithCancel(context.Background())
 	n.a, n.cancel, n.done = a, cancel, make(chan error, 1)
 	go func() { n.done <- a.Run(ctx) }()
 	return nil
 }
 
-// allowEverything puts a policy that allows every channel in force in a,
-// as a cluster policy from the registry would, with a's listen rules.
-func allowEverything(a *Agent) error {
-	r, err := policy.ParseRule("*/*", "*/*/*", nil)
+// allowEverything signs a cluster policy that allows every channel with
+// f's CA, and puts it in etcd under prefix, as `sinc ca policy` would.
+func (f *fleet) allowEverything(cli *clientv3.Client, prefix string) error {
+	doc, err := cert.SignPolicy(f.caDir, []byte("[[allow]]\nfrom = \"*/*\"\nto = \"*/*/*\"\n"), 0, time.Now())
 	if err != nil {
 		return err
 	}
-	p, err := policy.New([]policy.Rule{r})
+	keys, err := registry.NewLayout(prefix)
 	if err != nil {
 		return err
 	}
-	if p, err = p.WithListenRules(a.cfg.ListenRules); err != nil {
-		return err
-	}
-	a.policy.Store(p)
-	return nil
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_, err = cli.Put(ctx, keys.Policy(), string(doc.EncodePEM()))
+	return err
+}
+
+// hasPolicy reports whether n's agent has a cluster policy in force.
+func (n *fleetNode) hasPolicy() bool {
+	n.a.pol.mu.Lock()
+	defer n.a.pol.mu.Unlock()
+	return n.a.pol.doc != nil
 }
 
 // stop stops every agent at once and waits for them (each revokes its
