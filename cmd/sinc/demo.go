@@ -208,7 +208,7 @@ func printAdmin(ctx context.Context, w io.Writer, path, op string) error {
 	}
 	switch op {
 	case "peers":
-		printPeers(w, resp.Node, resp.Peers, time.Now())
+		printPeers(w, resp.Node, resp.Build, resp.Peers, time.Now())
 	case "conns":
 		printConns(w, resp.Node, resp.Conns, time.Now())
 	}

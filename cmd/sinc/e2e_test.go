@@ -315,7 +315,7 @@ func TestAgentsEndToEnd(t *testing.T) {
 func TestDemo(t *testing.T) {
 	out := mustSinc(t, "demo")
 	for _, want := range []string{
-		"peers of node-a:",
+		"peers of node-a (sinc ",                      // with the agent's build
 		"echo: hello from node-a/web to node-b/db",    // across nodes
 		"echo: hello from node-a/web to node-a/batch", // across partitions of one node
 		"connections of node-a:", "connections of node-b:",

@@ -38,10 +38,18 @@ func TestNoKeyInAnyOutput(t *testing.T) {
 		t.Fatalf("building the test binary: %v\n%s", err, out)
 	}
 	dir := shortTemp(t)
+	var metricsAddrs []string // the metrics of each agent are searched too
+	for range 2 {
+		port, err := cluster.FreePort()
+		if err != nil {
+			t.Fatal(err)
+		}
+		metricsAddrs = append(metricsAddrs, fmt.Sprintf("127.0.0.1:%d", port))
+	}
 	c, err := cluster.Make(dir, []cluster.NodeSpec{
-		{Name: "node-a", Partitions: []string{"web", "batch"},
+		{Name: "node-a", Partitions: []string{"web", "batch"}, Top: fmt.Sprintf("metrics = %q", metricsAddrs[0]),
 			Extra: "[[allow]]\nfrom = \"node-a/web\"\nto = \"*/*/*\"\n"},
-		{Name: "node-b", Partitions: []string{"db"},
+		{Name: "node-b", Partitions: []string{"db"}, Top: fmt.Sprintf("metrics = %q", metricsAddrs[1]),
 			Extra: "[[allow]]\nfrom = \"node-a/web\"\nto = \"node-b/db/*\"\n"},
 	}, cluster.Timers{Keepalive: "200ms", DeadAfter: "1s", DialMin: "50ms", DialMax: "300ms"})
 	if err != nil {
@@ -101,6 +109,9 @@ func TestNoKeyInAnyOutput(t *testing.T) {
 		run("", "cert", "show", filepath.Join(n.Dir, n.Name+".crt"))
 	}
 	run("", "conns", "--socket", a.Partitions["web"], "--json")
+	for _, addr := range metricsAddrs {
+		emit.Write([]byte(scrapeMetrics(t, addr).raw))
+	}
 	for _, l := range listeners {
 		l.Process.Signal(os.Interrupt)
 		l.Wait()

@@ -51,6 +51,8 @@ commands:
   demo                 run a local two-node cluster and show it working
   bench [--quick] [--reps N] [--json]
                        compare sinc with raw TCP and direct TLS on loopback
+  version [--json]     print this build's version, revision and Go release
+                       (also: sinc --version)
 
 Run "sinc COMMAND -h" for a command's flags.
 `
@@ -59,17 +61,18 @@ Run "sinc COMMAND -h" for a command's flags.
 type command func(args []string, stdout, stderr io.Writer) error
 
 var commands = map[string]command{
-	"ca":     runCA,
-	"cert":   runCert,
-	"agent":  runAgent,
-	"peers":  runPeers,
-	"nodes":  runNodes,
-	"dial":   runDial,
-	"listen": runListen,
-	"conns":  runConns,
-	"stats":  runStats,
-	"demo":   runDemo,
-	"bench":  runBench,
+	"ca":      runCA,
+	"cert":    runCert,
+	"agent":   runAgent,
+	"peers":   runPeers,
+	"nodes":   runNodes,
+	"dial":    runDial,
+	"listen":  runListen,
+	"conns":   runConns,
+	"stats":   runStats,
+	"demo":    runDemo,
+	"bench":   runBench,
+	"version": runVersion,
 	// bench-worker is the benchmark's server and client processes.
 	"bench-worker": runBenchWorker,
 
@@ -89,6 +92,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 			return 2
 		}
 		return 0
+	}
+	if args[0] == "--version" || args[0] == "-version" {
+		args = append([]string{"version"}, args[1:]...)
 	}
 	cmd, ok := commands[args[0]]
 	if !ok {

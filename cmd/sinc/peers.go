@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"sinc.dev/sinc/internal/admin"
+	"sinc.dev/sinc/internal/buildinfo"
 )
 
 func runPeers(args []string, stdout, stderr io.Writer) error {
@@ -32,12 +33,19 @@ func runPeers(args []string, stdout, stderr io.Writer) error {
 		enc.SetIndent("", "  ")
 		return enc.Encode(resp.Peers)
 	}
-	printPeers(stdout, resp.Node, resp.Peers, time.Now())
+	printPeers(stdout, resp.Node, resp.Build, resp.Peers, time.Now())
 	return nil
 }
 
-func printPeers(w io.Writer, node string, rows []admin.PeerRow, now time.Time) {
-	fmt.Fprintf(w, "peers of %s:\n", node)
+// printPeers prints the peer table under a line naming the agent's build.
+// Only the agent's own: the link handshake does not carry a peer's (each
+// agent's own is in its sinc peers, its log and its metrics).
+func printPeers(w io.Writer, node string, build *buildinfo.Info, rows []admin.PeerRow, now time.Time) {
+	fmt.Fprintf(w, "peers of %s", node)
+	if build != nil {
+		fmt.Fprintf(w, " (sinc %s, %s)", build.Short(), build.GoVersion)
+	}
+	fmt.Fprintln(w, ":")
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "PEER\tADDRESS\tSTATE\tLINK\tSINCE\tCERT EXPIRES\tNEXT REKEY\tFRAMES OUT/IN\tBYTES OUT/IN\tLAST ERROR")
 	for _, r := range rows {

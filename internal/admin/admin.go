@@ -20,6 +20,7 @@ import (
 	"sync"
 	"time"
 
+	"sinc.dev/sinc/internal/buildinfo"
 	"sinc.dev/sinc/internal/local"
 	"sinc.dev/sinc/internal/registry"
 )
@@ -48,6 +49,9 @@ type Response struct {
 	Counters map[string]uint64 `json:"counters,omitempty"`
 	Registry *registry.Status  `json:"registry,omitempty"` // "nodes": the registry's own state
 	Nodes    []NodeRow         `json:"nodes,omitempty"`
+	// Build is the answering agent's own build (op "peers"). A peer's
+	// build is not known: the link handshake does not carry it.
+	Build *buildinfo.Info `json:"build,omitempty"`
 }
 
 // Error is a failed request.

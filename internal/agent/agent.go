@@ -5,6 +5,7 @@ package agent
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -16,6 +17,7 @@ import (
 	"time"
 
 	"sinc.dev/sinc/internal/admin"
+	"sinc.dev/sinc/internal/buildinfo"
 	"sinc.dev/sinc/internal/cert"
 	"sinc.dev/sinc/internal/config"
 	"sinc.dev/sinc/internal/link"
@@ -72,6 +74,8 @@ type Agent struct {
 	localConns map[*net.UnixConn]struct{} // process connections being served; nil once stopping
 
 	wg sync.WaitGroup // every goroutine the agent started
+
+	ready chan struct{} // closed once Run has every socket listening
 }
 
 // New loads the agent's certificate, key and CA and checks them against the
@@ -132,6 +136,7 @@ func New(cfg *config.Config, log *slog.Logger) (*Agent, error) {
 		tables:     newTables(cfg.Limits.Channels),
 		quotas:     newQuotas(cfg.Limits),
 		localConns: map[*net.UnixConn]struct{}{},
+		ready:      make(chan struct{}),
 	}
 	a.budget = newBudget(int64(cfg.Limits.Memory), int64(cfg.Limits.Memory)/8)
 	a.self = &selfCarrier{a: a, bud: a.peerBudget(), pending: make(chan struct{}, maxAccepting),
@@ -253,6 +258,16 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.poller.close()
 		return err
 	}
+	mln, err := a.listenMetrics()
+	if err != nil {
+		ln.Close()
+		adm.Close()
+		os.Remove(a.cfg.Admin)
+		a.poller.close()
+		a.closePartitions()
+		return err
+	}
+	stopMetrics := a.serveMetrics(mln)
 	a.spare.f, _ = os.Open(os.DevNull)
 	defer func() {
 		a.spare.mu.Lock()
@@ -261,9 +276,12 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 		a.spare.mu.Unlock()
 	}()
-	a.log.Info("agent started", "listen", ln.Addr().String(), "admin", a.cfg.Admin,
+	build := buildinfo.Get()
+	a.log.Info("agent started", "version", build.Version, "revision", cmp.Or(build.Revision, buildinfo.Unknown),
+		"modified", build.Modified, "go", build.GoVersion, "listen", ln.Addr().String(), "admin", a.cfg.Admin,
 		"partitions", len(a.partitions), "peers", len(a.peers), "policy_rules", a.policy.Load().Len(),
-		"cert_expires", a.cert.NotAfter, "key_memory", a.arena.Protection(), "key_slots", a.cfg.Limits.Channels)
+		"cert_expires", a.cert.NotAfter, "key_memory", a.arena.Protection(), "key_slots", a.cfg.Limits.Channels,
+		"metrics", cmp.Or(a.cfg.Metrics, "off"))
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -287,11 +305,14 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.goRun(func() { a.watchLifecycle(ctx) })
 	a.goRun(a.poller.run)
 	a.goRun(func() { a.sweepIdle(ctx) })
+	// Every socket listens and is served: tell whoever waits (sd_notify).
+	close(a.ready)
 
 	<-ctx.Done()
 	a.log.Info("agent stopping")
 	ln.Close()
 	adm.Close()
+	stopMetrics()
 	a.closePartitions()
 	a.localMu.Lock()
 	for c := range a.localConns {
@@ -342,6 +363,11 @@ func (a *Agent) sweepIdle(ctx context.Context) {
 
 // Addr-independent helpers for tests and the CLI.
 
+// Ready is closed once Run has every socket of the agent listening and
+// served: the peer port, the admin socket, the partition sockets and the
+// metrics address. An agent that fails to start never closes it.
+func (a *Agent) Ready() <-chan struct{} { return a.ready }
+
 // Instance returns the agent's per-start instance id.
 func (a *Agent) Instance() [link.InstanceSize]byte { return a.instance }
 
@@ -373,6 +399,7 @@ func (a *Agent) acceptLoop(ctx context.Context, ln net.Listener) {
 				a.handshakeFailed(err)
 				return
 			}
+			a.counters.handshakesOK.Add(1)
 			a.adopt(ctx, l)
 		})
 	}

@@ -1,8 +1,10 @@
 package agent
 
 import (
+	"slices"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // counters counts what the data path rejected, by reason, and what it
@@ -13,6 +15,11 @@ type counters struct {
 	framesIn, framesOut, retransmits, opensOK, opensRefused                       atomic.Uint64
 	resumes, graceExpired, rotations, rekeys, keyStalls                           atomic.Uint64
 	duplicates, memoryDrops, resendAsks, timeouts                                 atomic.Uint64
+	handshakesOK                                                                  atomic.Uint64 // handshakes on the peer port that succeeded
+
+	// openLatency is the time from a process's open request to its
+	// answer, for the opens that succeeded (the dialing side's view).
+	openLatency latency
 
 	mu      sync.Mutex
 	refused map[string]*atomic.Uint64 // by reason; the reasons are constants of this package
@@ -71,6 +78,7 @@ func (c *counters) snapshot() map[string]uint64 {
 		"frames_dropped_memory": c.memoryDrops.Load(),
 		"resend_requests":       c.resendAsks.Load(),
 		"retransmit_timeouts":   c.timeouts.Load(),
+		"handshakes_ok":         c.handshakesOK.Load(),
 	}
 	c.mu.Lock()
 	for r, n := range c.refused {
@@ -78,4 +86,40 @@ func (c *counters) snapshot() map[string]uint64 {
 	}
 	c.mu.Unlock()
 	return m
+}
+
+// latency is a histogram of durations over fixed buckets (latencyBuckets),
+// updated without a lock: its zero value is ready to use.
+type latency struct {
+	counts [len(latencyBuckets) + 1]atomic.Uint64 // per bucket, not cumulative; the last is +Inf
+	sum    atomic.Int64                           // nanoseconds
+}
+
+// latencyBuckets are the upper bounds of the buckets: from an open between
+// two partitions of one agent (about a millisecond on loopback) to an open
+// that waited for a link to come up (timers.open, 5s by default).
+var latencyBuckets = [...]time.Duration{
+	250 * time.Microsecond, 500 * time.Microsecond, time.Millisecond, 2500 * time.Microsecond,
+	5 * time.Millisecond, 10 * time.Millisecond, 25 * time.Millisecond, 50 * time.Millisecond,
+	100 * time.Millisecond, 250 * time.Millisecond, 500 * time.Millisecond, time.Second,
+	2500 * time.Millisecond, 5 * time.Second, 10 * time.Second,
+}
+
+func (l *latency) observe(d time.Duration) {
+	i, _ := slices.BinarySearch(latencyBuckets[:], d) // the first bound ≥ d
+	l.counts[i].Add(1)
+	l.sum.Add(int64(d))
+}
+
+// read returns the cumulative count at each bucket's bound, the count of
+// all, and the sum. The count is the buckets' total, so the three agree
+// even while observations land.
+func (l *latency) read() (cumulative [len(latencyBuckets)]uint64, count uint64, sum time.Duration) {
+	for i := range l.counts {
+		count += l.counts[i].Load()
+		if i < len(cumulative) {
+			cumulative[i] = count
+		}
+	}
+	return cumulative, count, time.Duration(l.sum.Load())
 }

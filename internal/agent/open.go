@@ -49,12 +49,14 @@ func (a *Agent) dial(p *partition, proc *procRef, sock *net.UnixConn, pre *bytes
 	if err != nil {
 		return fail(wire.CodeBadRequest, "", "%v", err)
 	}
-	deadline := time.Now().Add(a.cfg.Timers.Open)
+	start := time.Now()
+	deadline := start.Add(a.cfg.Timers.Open)
 
 	// Policy first: a process the policy does not allow learns nothing of
 	// the peers (which exist, which are up) from its answer.
 	src := policy.Source{Node: a.cfg.Node, Partition: p.name, UID: proc.uid}
 	if !a.policy.Load().Allows(src, policy.Dest{Node: addr.Node, Partition: addr.Partition, Service: addr.Service}) {
+		a.counters.refuse("open_denied_policy")
 		a.log.Info("channel open denied by policy", "from", p.name, "uid", proc.uid, "to", addr.String())
 		return fail(wire.CodeDenied, a.cfg.Node, "policy of %s does not allow %s/%s (uid %d) to reach %s",
 			a.cfg.Node, a.cfg.Node, p.name, proc.uid, addr)
@@ -136,6 +138,7 @@ func (a *Agent) dial(p *partition, proc *procRef, sock *net.UnixConn, pre *bytes
 			ch.end(nil, false)
 			return nil, le
 		}
+		a.counters.openLatency.observe(time.Since(start))
 		return ch, nil
 	case <-timer.C:
 		ch.end(&local.Error{Code: wire.CodeTimeout.String()}, true)
@@ -341,6 +344,7 @@ func (a *Agent) handleOpen(car carrier, m *wire.Open) {
 	// learns nothing of what this node hosts.
 	src := policy.Source{Node: m.SrcNode, Partition: m.SrcPart, UID: m.SrcProc.UID}
 	if !a.policy.Load().Allows(src, policy.Dest{Node: a.cfg.Node, Partition: m.DstPart, Service: m.DstSvc}) {
+		a.counters.refuse("open_denied_policy")
 		refuse(wire.CodeDenied, "policy of %s does not allow %s/%s (uid %d) to reach %s/%s/%s",
 			a.cfg.Node, m.SrcNode, m.SrcPart, m.SrcProc.UID, a.cfg.Node, m.DstPart, m.DstSvc)
 		return

@@ -14,6 +14,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"sinc.dev/sinc/internal/config"
@@ -30,6 +31,11 @@ type partition struct {
 	ln    *net.UnixListener
 	adm   *admission // who is read when (admission.go)
 	quiet quietLog   // refusals of the socket, logged at most once a second
+
+	// Payload bytes its processes' channels carried, each way, in all
+	// (for the metrics): in, delivered to its processes; out, taken from
+	// them. One atomic add per frame, shared by the partition's channels.
+	bytesIn, bytesOut atomic.Uint64
 
 	mu       sync.Mutex
 	services map[string]*listener

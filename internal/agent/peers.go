@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"sinc.dev/sinc/internal/admin"
+	"sinc.dev/sinc/internal/buildinfo"
 	"sinc.dev/sinc/internal/cert"
 	"sinc.dev/sinc/internal/config"
 	"sinc.dev/sinc/internal/link"
@@ -606,7 +607,8 @@ func (a *Agent) linkState(p *peer) string {
 func (a *Agent) handleAdmin(req admin.Request) *admin.Response {
 	switch req.Op {
 	case "peers":
-		return &admin.Response{OK: true, Node: a.cfg.Node, Peers: a.peerRows()}
+		build := buildinfo.Get()
+		return &admin.Response{OK: true, Node: a.cfg.Node, Peers: a.peerRows(), Build: &build}
 	case "conns":
 		rows := []admin.ConnRow{}
 		for _, ch := range a.tables.all() {

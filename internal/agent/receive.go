@@ -272,6 +272,7 @@ func (ch *channel) countIn(n, recs int) {
 	}
 	ch.bytesIn.Add(uint64(n))
 	ch.recsIn.Add(uint64(recs))
+	ch.owner.part.bytesIn.Add(uint64(n))
 }
 
 // dataBufs is a bounded free list of buffers for received payloads of the

@@ -286,6 +286,7 @@ func (ch *channel) pack(br *bufio.Reader, n int) ([]byte, int, error) {
 			return nil, 0, err
 		}
 		ch.bytesOut.Add(uint64(n))
+		ch.owner.part.bytesOut.Add(uint64(n))
 		return frame, 1, nil
 	}
 	frame := getFrame(wire.MaxPayload)
@@ -334,6 +335,7 @@ func (ch *channel) pack(br *bufio.Reader, n int) ([]byte, int, error) {
 	}
 	br.Discard(off)
 	ch.bytesOut.Add(uint64(data))
+	ch.owner.part.bytesOut.Add(uint64(data))
 	if len(p) > smallFrame {
 		return frame[:wire.DataHeaderLen+len(p)+wire.TagLen], recs, nil
 	}

@@ -68,17 +68,30 @@ func listenUnix(path string, perm socketPerm) (*net.UnixListener, error) {
 		return nil, err
 	}
 	ln.SetUnlinkOnClose(false) // the agent removes it after serving ends
-	if perm.uid >= 0 || perm.gid >= 0 {
-		if err := os.Lchown(path, perm.uid, perm.gid); err != nil {
-			ln.Close()
-			os.Remove(path)
-			return nil, err
-		}
-	}
-	if err := os.Chmod(path, perm.mode); err != nil {
+	// Group, mode, then owner: only the owner may change the mode (without
+	// CAP_FOWNER, which an agent that is not root lacks: a service gets
+	// CAP_CHOWN alone), so the mode is set while the agent still owns the
+	// socket; and a group the config names is set first, so that the
+	// mode's group bits never reach the agent's own group meanwhile. At
+	// each step nobody can connect whom the final owner, group and mode
+	// would not let in, but the agent's own uid.
+	fail := func(err error) (*net.UnixListener, error) {
 		ln.Close()
 		os.Remove(path)
 		return nil, err
+	}
+	if perm.gid >= 0 {
+		if err := os.Lchown(path, -1, perm.gid); err != nil {
+			return fail(err)
+		}
+	}
+	if err := os.Chmod(path, perm.mode); err != nil {
+		return fail(err)
+	}
+	if perm.uid >= 0 {
+		if err := os.Lchown(path, perm.uid, -1); err != nil {
+			return fail(err)
+		}
 	}
 	return ln, nil
 }

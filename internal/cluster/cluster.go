@@ -26,6 +26,9 @@ type NodeSpec struct {
 	// Extra is TOML appended to the node's config: policy rules, limits,
 	// partition socket modes.
 	Extra string
+	// Top is TOML put before the config's first table: keys of the top
+	// level, such as metrics or log_format.
+	Top string
 	// PartitionExtra is TOML added to a partition's table (mode, owner…).
 	PartitionExtra map[string]string
 	// Listen, if set, is the node's peer address (host:port) instead of a
@@ -113,6 +116,7 @@ func (c *Cluster) writeConfig(n *Node, t Timers) error {
 	certPath, keyPath := cert.NodeFiles(n.Dir, n.Name)
 	fmt.Fprintf(&b, "node = %q\ncert = %q\nkey = %q\nca = %q\nlisten = %q\nadmin = %q\n",
 		n.Name, certPath, keyPath, filepath.Join(c.CADir, cert.CACertFile), n.Listen, n.Admin)
+	b.WriteString(n.Spec.Top + "\n")
 	b.WriteString("\n[timers]\n")
 	for _, kv := range [][2]string{{"handshake", t.Handshake}, {"keepalive", t.Keepalive},
 		{"dead_after", t.DeadAfter}, {"dial_min", t.DialMin}, {"dial_max", t.DialMax},

@@ -12,6 +12,9 @@
 //	admin  = "/run/sinc/node-a/admin.sock"
 //	revocations = "revoked.crl"      # optional: the CA's revocation list, followed as it changes
 //	state_dir = "state"              # default; the newest revocation list seen, kept across restarts
+//	metrics = "127.0.0.1:9464"       # optional: Prometheus metrics at http://ADDR/metrics; off when absent
+//	log_format = "text"              # default; or "json"
+//	log_level = "info"               # default; or "debug", "warn", "error"
 //
 //	advertise = ["10.0.0.1:7701"]    # with [registry]: the addresses published; default: listen
 //
@@ -71,6 +74,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"os/user"
@@ -105,6 +109,13 @@ type Config struct {
 	// StateDir is the agent's own folder for what it must remember across
 	// restarts (the newest revocation list it has seen).
 	StateDir string
+	// Metrics is the host:port the agent serves Prometheus metrics on,
+	// at /metrics; "" for none.
+	Metrics string
+	// LogFormat is "text" or "json"; LogLevel the least level logged.
+	// The agent's --log-format and --log-level, when given, win.
+	LogFormat string
+	LogLevel  slog.Level
 
 	Timers Timers
 	Limits Limits
@@ -225,6 +236,9 @@ type file struct {
 	Admin       string        `toml:"admin"`
 	Revocations string        `toml:"revocations"`
 	StateDir    string        `toml:"state_dir"`
+	Metrics     string        `toml:"metrics"`
+	LogFormat   string        `toml:"log_format"`
+	LogLevel    string        `toml:"log_level"`
 	Advertise   []string      `toml:"advertise"`
 	Registry    *registryFile `toml:"registry"`
 	Timers      struct {
@@ -395,6 +409,18 @@ func Parse(path string, data []byte) (*Config, error) {
 		return nil, fail("listen", err)
 	}
 	c.Listen = f.Listen
+	if f.Metrics != "" {
+		if _, err := checkHostPort(f.Metrics); err != nil {
+			return nil, fail("metrics", err)
+		}
+		c.Metrics = f.Metrics
+	}
+	if c.LogFormat, err = ParseLogFormat(cmp.Or(f.LogFormat, "text")); err != nil {
+		return nil, fail("log_format", err)
+	}
+	if c.LogLevel, err = ParseLogLevel(cmp.Or(f.LogLevel, "info")); err != nil {
+		return nil, fail("log_level", err)
+	}
 
 	for _, d := range []struct {
 		field string
@@ -723,6 +749,29 @@ func absPath(base, p string) string {
 }
 
 // checkHostPort checks a host:port address and returns its port.
+// ParseLogFormat checks a log format: "text" or "json".
+func ParseLogFormat(s string) (string, error) {
+	if s != "text" && s != "json" {
+		return "", fmt.Errorf("%.40q is not a log format: text or json", s)
+	}
+	return s, nil
+}
+
+// ParseLogLevel reads a log level: debug, info, warn or error.
+func ParseLogLevel(s string) (slog.Level, error) {
+	switch strings.ToLower(s) {
+	case "debug":
+		return slog.LevelDebug, nil
+	case "info":
+		return slog.LevelInfo, nil
+	case "warn", "warning":
+		return slog.LevelWarn, nil
+	case "error":
+		return slog.LevelError, nil
+	}
+	return 0, fmt.Errorf("%.40q is not a log level: debug, info, warn or error", s)
+}
+
 func checkHostPort(s string) (int, error) {
 	host, port, err := net.SplitHostPort(s)
 	if err != nil {

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -199,6 +200,32 @@ func TestParseDefaults(t *testing.T) {
 	}
 	if c.Timers != config.DefaultTimers || c.Limits != config.DefaultLimits || c.Policy.Len() != 0 {
 		t.Errorf("empty tables: %+v %+v %d rules", c.Timers, c.Limits, c.Policy.Len())
+	}
+}
+
+// TestOpsFields: metrics, log_format and log_level, and their defaults
+// (metrics off, text, info).
+func TestOpsFields(t *testing.T) {
+	c, err := config.Parse("/etc/sinc/agent.toml", []byte(minimalConfig))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Metrics != "" || c.LogFormat != "text" || c.LogLevel != slog.LevelInfo {
+		t.Errorf("defaults: metrics %q, log_format %q, log_level %v; want off, text, info", c.Metrics, c.LogFormat, c.LogLevel)
+	}
+	c, err = config.Parse("/etc/sinc/agent.toml", []byte(set("listen",
+		"listen = \"h:1\"\nmetrics = \"127.0.0.1:9464\"\nlog_format = \"json\"\nlog_level = \"debug\"")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Metrics != "127.0.0.1:9464" || c.LogFormat != "json" || c.LogLevel != slog.LevelDebug {
+		t.Errorf("set: metrics %q, log_format %q, log_level %v", c.Metrics, c.LogFormat, c.LogLevel)
+	}
+	for in, want := range map[string]slog.Level{"debug": slog.LevelDebug, "INFO": slog.LevelInfo, "warn": slog.LevelWarn,
+		"warning": slog.LevelWarn, "error": slog.LevelError} {
+		if l, err := config.ParseLogLevel(in); err != nil || l != want {
+			t.Errorf("ParseLogLevel(%q) = %v, %v; want %v", in, l, err, want)
+		}
 	}
 }
 
@@ -537,6 +564,11 @@ func TestParseBad(t *testing.T) {
 		{"listen with negative port", set("listen", `listen = "h:-1"`), "listen", "has a bad port"},
 		{"listen with signed port", set("listen", `listen = "h:+80"`), "listen", "has a bad port"},
 		{"listen with empty port", set("listen", `listen = "h:"`), "listen", "has a bad port"},
+		{"metrics without port", set("listen", "listen = \"h:1\"\nmetrics = \"127.0.0.1\""), "metrics", `"127.0.0.1" is not host:port`},
+		{"metrics with bad port", set("listen", "listen = \"h:1\"\nmetrics = \"h:prom\""), "metrics", "has a bad port"},
+		{"metrics not a string", set("listen", "listen = \"h:1\"\nmetrics = 9464"), "metrics", ""},
+		{"bad log format", set("listen", "listen = \"h:1\"\nlog_format = \"xml\""), "log_format", `"xml" is not a log format: text or json`},
+		{"bad log level", set("listen", "listen = \"h:1\"\nlog_level = \"loud\""), "log_level", `"loud" is not a log level: debug, info, warn or error`},
 
 		{"bad duration", withTimers(`handshake = "5 seconds"`), "timers.handshake", `"5 seconds" is not a duration like "5s"`},
 		{"duration without unit", withTimers(`keepalive = "5"`), "timers.keepalive", "is not a duration"},
