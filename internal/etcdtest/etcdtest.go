@@ -442,6 +442,17 @@ func (c *Cluster) Running(i int) bool {
 	return c.member(i).proc != nil
 }
 
+// PID is the process id of member i, or 0 when it is not running: for a
+// test that reads the member's memory and CPU time in /proc.
+func (c *Cluster) PID(i int) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if p := c.member(i).proc; p != nil {
+		return p.cmd.Process.Pid
+	}
+	return 0
+}
+
 // TLS returns the client's certificate files, or nil when the cluster runs
 // without TLS.
 func (c *Cluster) TLS() *TLSFiles { return c.tls }
