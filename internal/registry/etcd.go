@@ -48,6 +48,8 @@ type Etcd struct {
 	status  Status
 	changed chan struct{} // self changed: put again (cap 1)
 	gone    chan struct{} // own record seen deleted (cap 1)
+	putRev  int64         // the store's revision of the record's last put
+	goneRev int64         // the revision of the last deletion of the record seen
 
 	// abandon, set by tests, makes Run return without revoking the
 	// lease: the record stays until its TTL runs out, as after a kill -9.
@@ -221,8 +223,9 @@ func (e *Etcd) Certificate(ctx context.Context, name string) ([]byte, error) {
 func (e *Etcd) retry(ctx context.Context, what string, op func(context.Context) error) error {
 	var err error
 	wait := 100 * time.Millisecond
+	timeout := e.cfg.RequestTimeout
 	for try := 1; ; try++ {
-		rctx, cancel := context.WithTimeout(ctx, e.cfg.RequestTimeout)
+		rctx, cancel := context.WithTimeout(ctx, timeout)
 		err = op(clientv3.WithRequireLeader(rctx))
 		cancel()
 		if err == nil {
@@ -237,6 +240,13 @@ func (e *Etcd) retry(ctx context.Context, what string, op func(context.Context) 
 		case <-ctx.Done():
 		}
 		wait *= 2
+		if errors.Is(err, context.DeadlineExceeded) {
+			// Slow, not down (a member without a leader answers at once,
+			// WithRequireLeader): sent again with the same time, the
+			// request would do the same work and fail the same way, and
+			// an overloaded etcd would do everything twice.
+			timeout *= 2
+		}
 	}
 	err = fmt.Errorf("%w: %s: %w", ErrUnreachable, what, err)
 	if ctx.Err() == nil || errors.Is(ctx.Err(), context.DeadlineExceeded) {

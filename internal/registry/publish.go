@@ -100,8 +100,9 @@ func (e *Etcd) put(ctx context.Context, id clientv3.LeaseID) error {
 		return err
 	}
 	name := self.Node.Name
-	err = e.retry(ctx, "put the record of "+name, func(ctx context.Context) error {
-		_, err := e.cli.Txn(ctx).Then(
+	var resp *clientv3.TxnResponse
+	err = e.retry(ctx, "put the record of "+name, func(ctx context.Context) (err error) {
+		resp, err = e.cli.Txn(ctx).Then(
 			clientv3.OpPut(e.keys.Cert(name), string(self.CertPEM), clientv3.WithLease(id)),
 			clientv3.OpPut(e.keys.Node(name), string(rec), clientv3.WithLease(id)),
 		).Commit()
@@ -111,6 +112,7 @@ func (e *Etcd) put(ctx context.Context, id clientv3.LeaseID) error {
 		return err
 	}
 	e.mu.Lock()
+	e.putRev = resp.Header.Revision
 	e.status.Published, e.status.PutAt = true, time.Now()
 	e.putGen = max(e.putGen, gen)
 	close(e.putDone)
@@ -153,8 +155,17 @@ func (e *Etcd) keep(ctx context.Context, id clientv3.LeaseID) string {
 		case <-e.gone:
 			// Deleted while the lease lives (by hand, say), or the lease
 			// is gone and the keepalive has not said so yet: either way,
-			// a new grant and put.
-			return "the record was deleted from the registry"
+			// a new grant and put. Unless the deletion came before the
+			// put: the revoke of a lease whose put timed out here but
+			// was done in etcd, seen late through the watch. (Taken for
+			// a loss, under load, each such deletion cost a new lease,
+			// a put and an event to every agent, and more timeouts.)
+			e.mu.Lock()
+			stale := e.goneRev < e.putRev
+			e.mu.Unlock()
+			if !stale {
+				return "the record was deleted from the registry"
+			}
 		case <-tick.C:
 			if time.Since(last) < late {
 				continue
