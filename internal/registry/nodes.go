@@ -154,6 +154,9 @@ func (e *Etcd) apply(s Sink, ev *clientv3.Event) {
 	name := nameOf(e.keys, ev.Kv.Key)
 	if ev.Type == mvccpb.DELETE {
 		if name == e.selfName() {
+			e.mu.Lock()
+			e.goneRev = max(e.goneRev, ev.Kv.ModRevision)
+			e.mu.Unlock()
 			poke(e.gone)
 		}
 		if e.view.remove(name) {
