@@ -10,7 +10,7 @@ import (
 	"sinc.dev/sinc/internal/wire"
 )
 
-// Links on demand (issue 14), when the registry says so (etcd): a node in
+// Links on demand (docs/design.md, section 12), when the registry says so (etcd): a node in
 // the registry costs this agent its registry.Node and nothing else — no
 // peer, no carrier, no goroutine, no timer. It enters the peer table when
 // a channel needs it:

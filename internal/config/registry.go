@@ -10,7 +10,7 @@ import (
 	"time"
 )
 
-// The cluster registry (issue 14). Without a [registry] table the config
+// The cluster registry (docs/design.md, section 12). Without a [registry] table the config
 // file is the cluster: [peers] lists the other agents, revocations names
 // the CA's revocation list, [[allow]] is the policy. With one, all three
 // come from etcd instead, and giving any of them here is an error rather

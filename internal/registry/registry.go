@@ -1,5 +1,5 @@
-// Package registry is where an agent learns its cluster (DESIGN.md §7,
-// issue 14): the other nodes — their addresses, the fingerprint of their
+// Package registry is where an agent learns its cluster (docs/design.md,
+// section 12): the other nodes — their addresses, the fingerprint of their
 // certificate, the instance of their agent — the CA's revocation list and
 // the cluster policy, and how changes to them arrive.
 //
