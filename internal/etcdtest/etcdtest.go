@@ -30,6 +30,7 @@
 package etcdtest
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -343,7 +344,48 @@ func (c *Cluster) Stop(i int) { c.stop(i, syscall.SIGTERM) }
 // Freeze stops member i's process with SIGSTOP: it keeps its connections
 // open but answers nothing, as a hung machine would. Thaw resumes it; Kill,
 // Stop and the cleanup end a frozen member too.
-func (c *Cluster) Freeze(i int) { c.signal(i, syscall.SIGSTOP) }
+//
+// It returns once every thread of the member is stopped: SIGSTOP is only
+// queued by kill(2), and a thread running on another core can still answer
+// a request meanwhile.
+func (c *Cluster) Freeze(i int) {
+	c.signal(i, syscall.SIGSTOP)
+	c.mu.Lock()
+	p := c.member(i).proc
+	c.mu.Unlock()
+	if p == nil {
+		return
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for !allStopped(p.cmd.Process.Pid) {
+		if time.Now().After(deadline) {
+			c.t.Fatalf("etcdtest: member %d did not stop within 5s of SIGSTOP", i)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// allStopped reports whether every thread of pid is in the stopped state
+// ('T' in /proc/PID/task/TID/stat).
+func allStopped(pid int) bool {
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil {
+		return false
+	}
+	for _, t := range tasks {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/stat", pid, t.Name()))
+		if err != nil {
+			return false
+		}
+		// The state follows the command, which is in parentheses and may
+		// hold anything: take it after the last ')'.
+		j := bytes.LastIndexByte(b, ')')
+		if j < 0 || j+2 >= len(b) || b[j+2] != 'T' {
+			return false
+		}
+	}
+	return true
+}
 
 // Thaw resumes a frozen member with SIGCONT.
 func (c *Cluster) Thaw(i int) { c.signal(i, syscall.SIGCONT) }
