@@ -58,6 +58,13 @@ func (ch *channel) receive(car carrier, frame []byte, h *wire.DataHeader, sealed
 	ch.mu.Lock()
 	st := ch.state
 	ch.mu.Unlock()
+	if st.status == statusEnded {
+		// Ended, on its way out of the tables (its end told the peer
+		// first): for the peer the channel is gone, as when the index
+		// is no longer found.
+		c.unknownIndex.Add(1)
+		return
+	}
 	if st.status != statusOpen || car != ch.carrier || h.SrcConn != st.remoteConn || h.DstConn != ch.id {
 		c.wrongIDs.Add(1)
 		ch.a.log.Debug("data frame ids do not match the channel", "peer", car.name(), "index", h.Index,
