@@ -100,8 +100,11 @@ func TestAbort(t *testing.T) {
 			case <-time.After(5 * time.Second):
 				t.Fatal("Abort did not wake the blocked Write")
 			}
-			if _, err := readToEnd(s); !errors.Is(err, sinc.ErrAborted) {
-				t.Errorf("the other side of the blocked write read %v, want aborted", err)
+			// The close record may not fit behind the blocked write (the
+			// other side reads nothing): then the end is a reset. Either
+			// way a failure, never a clean end.
+			if _, err := readToEnd(s); !errors.Is(err, sinc.ErrAborted) && !errors.Is(err, sinc.ErrReset) {
+				t.Errorf("the other side of the blocked write read %v, want aborted or reset", err)
 			}
 		})
 	}

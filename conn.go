@@ -129,6 +129,11 @@ func (c *Conn) Close() error { return c.end("close", local.RecFin, nil) }
 // pass as bytes: a TCP reset, a target that refused. Reads and Writes in
 // progress return an error matching net.ErrClosed; so do Abort and Close
 // after it.
+//
+// The message travels in the channel, behind what this side wrote. If a
+// Write is blocked because the other process does not read, there may be
+// no room for it: the other side then reads ErrReset instead, still a
+// failure, without the message. Abort never waits for room.
 func (c *Conn) Abort(message string) error {
 	if len(message) > maxAbortMessage {
 		message = message[:maxAbortMessage]
