@@ -142,6 +142,20 @@ func (a *Agent) register(l *link.Link, want *peer) (reason string, ok bool) {
 		}
 		p = a.addLazyPeer(n)
 	}
+	if a.lazy && want != nil && p != want {
+		// The peer this dial was for was dropped meanwhile (its last
+		// link closed as idle, nothing needed it) and perhaps made anew
+		// by an open. The node is the one dialed, and the other side has
+		// confirmed the link and may already have sent opens on it:
+		// refusing it now would lose them. Take it for the node's peer
+		// as it is now, if the registry still knows the node.
+		if p == nil {
+			if n, ok := a.reg.Lookup(name); ok {
+				p = a.addLazyPeer(n)
+			}
+		}
+		want = p
+	}
 	if p == nil || want != nil && p != want {
 		a.counters.refuse("peer_not_configured")
 		return fmt.Sprintf("node %q is not a configured peer of %q", name, a.cfg.Node), false
