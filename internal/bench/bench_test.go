@@ -370,3 +370,23 @@ func BenchmarkIdleMemory(b *testing.B) {
 		})
 	}
 }
+
+// The agents of the benchmark hold more channels than the default limits
+// allow (accepted_per_node is 4,096): `sinc bench` holds up to 10,000 idle.
+func TestIdleBeyondDefaultLimits(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	e, err := StartEnv(ctx, EnvConfig{Bin: bin, Transports: []string{SincStream}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	const n = 4200
+	res, err := e.Idle(ctx, SincStream, []int{n}, 16, 10*time.Millisecond)
+	if err != nil {
+		t.Fatalf("holding %d idle channels: %v", n, err)
+	}
+	if len(res.AgentBytes) != 1 || res.AgentBytes[0] <= 0 {
+		t.Errorf("agent memory at %d channels: %v", n, res.AgentBytes)
+	}
+}

@@ -47,6 +47,9 @@ const agentLimits = `
 channels = 65536
 channels_per_partition = 65536
 channels_per_process = 65536
+accepted = 65536
+accepted_per_partition = 65536
+accepted_per_node = 65536
 `
 
 func benchNodes() []cluster.NodeSpec {
