@@ -73,7 +73,8 @@ type Agent struct {
 	localMu    sync.Mutex
 	localConns map[*net.UnixConn]struct{} // process connections being served; nil once stopping
 
-	wg sync.WaitGroup // every goroutine the agent started
+	wg      sync.WaitGroup // every goroutine the agent started
+	started atomic.Uint64  // how many goRun started: the hand-offs a test counts
 
 	ready chan struct{} // closed once Run has every socket listening
 }
@@ -334,6 +335,7 @@ func (a *Agent) Run(ctx context.Context) error {
 }
 
 func (a *Agent) goRun(f func()) {
+	a.started.Add(1)
 	a.wg.Add(1)
 	go func() {
 		defer a.wg.Done()

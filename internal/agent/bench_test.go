@@ -2,7 +2,9 @@ package agent
 
 import (
 	"io"
+	"syscall"
 	"testing"
+	"time"
 
 	"sinc.dev/sinc"
 )
@@ -77,7 +79,8 @@ func BenchmarkPingPong64(b *testing.B) {
 }
 
 // BenchmarkOpenClose: one op is a channel opened through both agents,
-// accepted, and closed, from one opener.
+// accepted, and closed, from one opener. cpu-µs/op is the CPU time of the
+// whole test process (both agents, the opener and the acceptor) per op.
 func BenchmarkOpenClose(b *testing.B) {
 	p := startPair(b, channelSpecs)
 	l := p.listen(b, "node-b", "db", "sink")
@@ -90,6 +93,7 @@ func BenchmarkOpenClose(b *testing.B) {
 			c.Close()
 		}
 	}()
+	cpu0 := processCPU(b)
 	b.ResetTimer()
 	for range b.N {
 		c, err := p.dial(b, "node-a", "web", "node-b/db/sink", sinc.Stream)
@@ -98,4 +102,15 @@ func BenchmarkOpenClose(b *testing.B) {
 		}
 		c.Close()
 	}
+	b.StopTimer()
+	b.ReportMetric(float64(processCPU(b)-cpu0)/float64(time.Microsecond)/float64(b.N), "cpu-µs/op")
+}
+
+// processCPU is the CPU time, user and system, this process has used.
+func processCPU(b *testing.B) time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		b.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }

@@ -167,7 +167,19 @@ func (ch *channel) receive(car carrier, frame []byte, h *wire.DataHeader, sealed
 	case h.Flags&wire.FlagFin != 0:
 		ch.finIn = true
 		ch.inq = append(ch.inq, inItem{fin: true})
-		ch.a.goRun(func() { ch.sendAck(false) }) // so the peer may end its side
+		// The fin is acknowledged at once, so the peer may end its side
+		// (off this goroutine: a link write may wait). When nothing waits
+		// before it, as when a channel closes, the same goroutine then
+		// delivers it as the inbound pump: one hand-off, not two.
+		if len(ch.inq) == 1 && ch.deliver && !ch.delivering {
+			ch.delivering = true
+			ch.a.goRun(func() {
+				ch.sendAck(false)
+				ch.inbound()
+			})
+		} else {
+			ch.a.goRun(func() { ch.sendAck(false) })
+		}
 	case ch.deliver && len(ch.inq) == 0 && !ch.delivering:
 		ch.deliverNow(pt, recs) // written straight to the process: one hand-off fewer
 	default:

@@ -35,7 +35,8 @@ type Env struct {
 	agents  []*cluster.Process // node-a, node-b
 	servers map[string]*worker
 	clients map[string]*worker
-	TLSInfo string // what TLS negotiated
+	relays  []*relay // stunnel: its client side, its server side
+	TLSInfo string   // what TLS negotiated
 }
 
 // The policy and limits of the benchmark's agents. The limits are raised
@@ -46,6 +47,9 @@ const agentLimits = `
 channels = 65536
 channels_per_partition = 65536
 channels_per_process = 65536
+accepted = 65536
+accepted_per_partition = 65536
+accepted_per_node = 65536
 `
 
 func benchNodes() []cluster.NodeSpec {
@@ -86,13 +90,13 @@ func StartEnv(ctx context.Context, cfg EnvConfig) (e *Env, err error) {
 		}
 	}
 	var certPath, keyPath string
-	if slices.Contains(cfg.Transports, TLS) {
+	if slices.Contains(cfg.Transports, TLS) || slices.Contains(cfg.Transports, Stunnel) {
 		if certPath, keyPath, err = makeTLSCert(dir); err != nil {
 			return nil, err
 		}
 	}
 	for _, tr := range cfg.Transports {
-		args := []string{"server", "--transport", tr}
+		args := []string{"server", "--transport", workerTransport(tr)}
 		switch {
 		case tr == TLS:
 			args = append(args, "--cert", certPath, "--key", keyPath)
@@ -104,7 +108,16 @@ func StartEnv(ctx context.Context, cfg EnvConfig) (e *Env, err error) {
 			return nil, err
 		}
 		e.servers[tr] = srv
-		args = []string{"client", "--transport", tr, "--addr", ready.Addr}
+		addr := ready.Addr
+		if tr == Stunnel {
+			cl, sv, err := startRelays(ctx, dir, addr, certPath, keyPath)
+			if err != nil {
+				return nil, err
+			}
+			e.relays = []*relay{cl, sv}
+			addr = cl.addr
+		}
+		args = []string{"client", "--transport", workerTransport(tr), "--addr", addr}
 		switch {
 		case tr == TLS:
 			args = append(args, "--cert", certPath)
@@ -169,13 +182,16 @@ func (e *Env) Close() error {
 	for _, w := range e.servers {
 		w.stop()
 	}
+	for _, r := range e.relays {
+		r.stop()
+	}
 	var errs []error
 	for _, p := range e.agents {
 		if err := p.Stop(5 * time.Second); err != nil {
 			errs = append(errs, err)
 		}
 	}
-	e.clients, e.servers, e.agents = nil, nil, nil
+	e.clients, e.servers, e.agents, e.relays = nil, nil, nil, nil
 	if !e.cfg.Keep {
 		if err := os.RemoveAll(e.Dir); err != nil {
 			errs = append(errs, err)
@@ -188,12 +204,28 @@ func (e *Env) Close() error {
 type proc struct {
 	name string // client, server, agent-a, agent-b
 	pid  int
+	// threadPerConn: the process runs a thread per connection (stunnel),
+	// whose CPU time leaves /proc/PID/task with it when the connection
+	// ends; its time is read from /proc/PID/stat, which keeps it.
+	threadPerConn bool
+}
+
+// cpu returns the CPU time p has used.
+func (p proc) cpu() (time.Duration, error) {
+	if p.threadPerConn {
+		return statTime(p.pid)
+	}
+	return cpuTime(p.pid)
 }
 
 func (e *Env) procs(tr string) []proc {
-	ps := []proc{{"client", e.clients[tr].pid()}, {"server", e.servers[tr].pid()}}
-	if isSinc(tr) {
-		ps = append(ps, proc{"agent-a", e.agents[0].Cmd.Process.Pid}, proc{"agent-b", e.agents[1].Cmd.Process.Pid})
+	ps := []proc{{name: "client", pid: e.clients[tr].pid()}, {name: "server", pid: e.servers[tr].pid()}}
+	switch {
+	case isSinc(tr):
+		ps = append(ps, proc{name: "agent-a", pid: e.agents[0].Cmd.Process.Pid}, proc{name: "agent-b", pid: e.agents[1].Cmd.Process.Pid})
+	case tr == Stunnel:
+		ps = append(ps, proc{name: "agent-a", pid: e.relays[0].pid(), threadPerConn: true},
+			proc{name: "agent-b", pid: e.relays[1].pid(), threadPerConn: true})
 	}
 	return ps
 }
@@ -251,7 +283,7 @@ func (e *Env) Bulk(ctx context.Context, tr string, bytes int64) (BulkResult, err
 	ps := e.procs(tr)
 	before := make([]time.Duration, len(ps))
 	for i, p := range ps {
-		t, err := cpuTime(p.pid)
+		t, err := p.cpu()
 		if err != nil {
 			return BulkResult{}, err
 		}
@@ -263,7 +295,7 @@ func (e *Env) Bulk(ctx context.Context, tr string, bytes int64) (BulkResult, err
 	}
 	r := BulkResult{Bytes: rep.Bytes, Seconds: rep.Seconds, CPU: map[string]float64{}}
 	for i, p := range ps {
-		t, err := cpuTime(p.pid)
+		t, err := p.cpu()
 		if err != nil {
 			return BulkResult{}, err
 		}

@@ -78,6 +78,7 @@ type Report struct {
 	cpuSamples map[string]map[string][]float64
 	TLSInfo    string            `json:"tls"`
 	Goals      []Target          `json:"targets"`
+	Notes      []string          `json:"notes,omitempty"` // what the run left out, and why
 	Batched    map[string]string `json:"batched_means"`
 	OneWrite   map[string]string `json:"one_write_means"`
 	Seconds    float64           `json:"seconds"`
@@ -90,7 +91,7 @@ type Report struct {
 }
 
 func newReport(o Options) *Report {
-	r := &Report{Machine: machine(), Options: o, Transports: o.Transports, Reps: o.Reps,
+	r := &Report{Machine: machine(), Options: o, Transports: o.Transports, Reps: o.Reps, Notes: o.Notes,
 		CPUSplit: map[string]map[string]Summary{}, cpuSamples: map[string]map[string][]float64{},
 		Batched: batchedMeaning, OneWrite: oneWriteMeaning}
 	add := func(key, name, unit string, higher, sincOnly bool) {
@@ -160,7 +161,7 @@ func (r *Report) finish() {
 			m.Summary[tr] = summarize(v)
 		}
 		for _, s := range []string{SincStream, SincMessage} {
-			for _, base := range []string{TLS, TCP} {
+			for _, base := range ratioBases {
 				a, okA := m.Summary[s]
 				b, okB := m.Summary[base]
 				if okA && okB && b.Median != 0 {
@@ -177,8 +178,13 @@ func (r *Report) finish() {
 	}
 }
 
+// ratioBases are the transports sinc's are compared with, in the order of
+// the ratio columns.
+var ratioBases = []string{TLS, TCP, Stunnel}
+
 // What "batched" and "one write" mean for each transport.
 var batchedMeaning = map[string]string{
+	Stunnel:     "as tcp, through both stunnel processes",
 	TCP:         "4-byte length prefix + message, packed in a 64 KiB bufio.Writer: one write(2) per 64 KiB",
 	TLS:         "as tcp, through tls.Conn: 64 KiB per Write, which TLS cuts into 16 KiB records",
 	SincStream:  "as tcp, inside the stream: 64 KiB per Conn.Write = one 64 KiB record, one writev(2)",
@@ -186,6 +192,7 @@ var batchedMeaning = map[string]string{
 }
 
 var oneWriteMeaning = map[string]string{
+	Stunnel:     "not measured (the setup and idle rows neither)",
 	TCP:         "Write(prefix+message) per message: one write(2) each",
 	TLS:         "Write(prefix+message) per message: one TLS record, one write(2) each",
 	SincStream:  "Write(prefix+message) per message: one record, one writev(2) each",
@@ -228,7 +235,7 @@ func (r *Report) Format(w io.Writer) {
 		if !slices.Contains(r.Transports, s) {
 			continue
 		}
-		for _, base := range []string{TLS, TCP} {
+		for _, base := range ratioBases {
 			if slices.Contains(r.Transports, base) {
 				ratioCols = append(ratioCols, s+"/"+base)
 			}
@@ -309,8 +316,14 @@ func (r *Report) Format(w io.Writer) {
 		fmt.Fprintf(w, "tls: %s\n", r.TLSInfo)
 	}
 	fmt.Fprintf(w, "sinc: two `sinc agent` processes (node-a ↔ node-b, one Noise link), default window, timers and checks; limits raised for 10,000 channels per process.\n")
+	if slices.Contains(r.Transports, Stunnel) {
+		fmt.Fprintf(w, "stunnel: client → stunnel (client side) → TLS 1.3 → stunnel (server side) → server, the tcp workers; agent-a and agent-b in the CPU split are stunnel's client and server sides.\n")
+	}
 	fmt.Fprintf(w, "setup: tcp = connect+close; tls = connect+full handshake+close; sinc = channel open through both agents (policy checked by each)+close.\n")
-	fmt.Fprintf(w, "memory: growth of VmRSS from before the opens, fresh processes for each measurement; CPU: run time of every thread (/proc/PID/task/*/schedstat).\n")
+	fmt.Fprintf(w, "memory: growth of VmRSS from before the opens, fresh processes for each measurement; CPU: run time of every thread (/proc/PID/task/*/schedstat; stunnel's, whose threads end with their connections: /proc/PID/stat, in 10 ms ticks).\n")
+	for _, n := range r.Notes {
+		fmt.Fprintf(w, "note: %s\n", n)
+	}
 	other := "unknown"
 	if r.OtherCPU >= 0 {
 		other = fmt.Sprintf("%.0f%%", 100*r.OtherCPU)

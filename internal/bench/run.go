@@ -48,6 +48,9 @@ type Options struct {
 	// before their memory is read (default 300 ms).
 	IdleSettle time.Duration
 
+	// Notes says what the run left out and why (stunnel not installed).
+	Notes []string
+
 	Dir        string    // parent of temporary folders ("" for the system's)
 	ProfileDir string    // CPU profiles of the workers, if set
 	Keep       bool      // keep the temporary folders
@@ -81,12 +84,20 @@ func (o *Options) check() error {
 	if o.Bin == "" {
 		return errors.New("bench: no sinc binary")
 	}
+	_, stunnelErr := StunnelPath()
 	if o.Transports == nil {
 		o.Transports = Transports
+		if stunnelErr != nil {
+			o.Transports = slices.DeleteFunc(slices.Clone(Transports), func(tr string) bool { return tr == Stunnel })
+			o.Notes = append(o.Notes, "the stunnel column is left out: "+stunnelErr.Error())
+		}
 	}
 	for _, tr := range o.Transports {
 		if !validTransport(tr) {
 			return fmt.Errorf("bench: unknown transport %q", tr)
+		}
+		if tr == Stunnel && stunnelErr != nil {
+			return fmt.Errorf("bench: transport stunnel: %w", stunnelErr)
 		}
 	}
 	if o.Reps < 1 || o.Reps > 100 {
@@ -101,7 +112,7 @@ func (o *Options) check() error {
 			return fmt.Errorf("bench: message size %d needs counts (batched %d, one write %d)", s, o.MsgBatched[s], o.MsgPerWrite[s])
 		}
 	}
-	if !slices.IsSorted(o.IdleCounts) || len(o.IdleCounts) > 0 && o.IdleCounts[0] < 1 || o.IdleCounts[len(o.IdleCounts)-1] > 15000 {
+	if n := len(o.IdleCounts); !slices.IsSorted(o.IdleCounts) || n > 0 && (o.IdleCounts[0] < 1 || o.IdleCounts[n-1] > 15000) {
 		return fmt.Errorf("bench: idle counts %v: ascending, 1..15000", o.IdleCounts)
 	}
 	o.IdleReps = min(o.IdleReps, o.Reps)
@@ -148,6 +159,9 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 		if _, err := env.PingPong(ctx, tr, min(opts.PingPongs, 500), opts.PingSize, opts.MaxTime); err != nil {
 			return nil, err
 		}
+		if !runsMetric(tr, mOpens) {
+			continue
+		}
 		if _, err := env.Setup(ctx, tr, min(opts.SetupCycles, 100), min(opts.SetupConc, 4), opts.MaxTime); err != nil {
 			return nil, err
 		}
@@ -186,6 +200,9 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 					n = opts.MsgBatched[size]
 				}
 				for _, tr := range order {
+					if !runsMetric(tr, rateKey(size, batched)) {
+						continue
+					}
 					m, err := env.MsgRate(ctx, tr, size, n, batched, opts.MaxTime)
 					if err != nil {
 						return nil, err
@@ -196,6 +213,9 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 			}
 		}
 		for _, tr := range order {
+			if !runsMetric(tr, mOpens) {
+				continue
+			}
 			l, err := env.Setup(ctx, tr, opts.SetupLat, 1, opts.MaxTime/2)
 			if err != nil {
 				return nil, err
@@ -210,6 +230,9 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 		}
 		if rep < opts.IdleReps && len(opts.IdleCounts) > 0 {
 			for _, tr := range order {
+				if !runsMetric(tr, memKey("endpoint", 0)) {
+					continue
+				}
 				if err := idleMemory(ctx, &opts, r, tr); err != nil {
 					return nil, err
 				}

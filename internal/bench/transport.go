@@ -32,8 +32,8 @@ const (
 	SincMessage = "sinc-message"
 )
 
-// Transports lists every transport.
-var Transports = []string{TCP, TLS, SincStream, SincMessage}
+// Transports lists every transport (Stunnel: stunnel.go).
+var Transports = []string{TCP, TLS, SincStream, SincMessage, Stunnel}
 
 func isSinc(tr string) bool { return tr == SincStream || tr == SincMessage }
 

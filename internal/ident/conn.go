@@ -115,23 +115,54 @@ func (p *Process) identifyWithoutPeerPidfd(accepted time.Time) error {
 // proved to be of the pidfd's process by the process not having exited
 // after it: the pid cannot have been given to another process before this
 // one was reaped, and it cannot be reaped before it exits.
+//
+// With a pidfd of pidfs, a start time proved so is cached by the pidfd's
+// inode number, which no other process ever has (pidfs.go); a later
+// connection of the same process takes it from there, once the pidfd
+// shows the process has not exited.
 func (p *Process) readStart() error {
+	ino, cacheable := uint64(0), false
+	if p.pidfd >= 0 {
+		ino, cacheable = pidfsInode(p.pidfd)
+	}
+	if cacheable {
+		if start, ok := starts.get(ino, p.PID); ok {
+			if err := p.checkRunning("while identifying it"); err != nil {
+				return err
+			}
+			p.Start = start
+			return nil
+		}
+	}
 	s, err := readStat(p.PID)
 	if err != nil {
 		return err
 	}
-	if p.pidfd >= 0 {
-		exited, err := pidfdExited(p.pidfd)
-		if err != nil {
-			return err
-		}
-		if exited {
-			return fmt.Errorf("after reading %s/%d/stat: %w", procDir, p.PID, ErrExited)
-		}
+	if err := p.checkRunning(fmt.Sprintf("after reading %s/%d/stat", procDir, p.PID)); err != nil {
+		return err
 	}
 	if s.State == 'Z' || s.State == 'X' || s.State == 'x' {
 		return fmt.Errorf("%s/%d/stat: state %c: %w", procDir, p.PID, s.State, ErrExited)
 	}
 	p.Start = s.Start
+	if cacheable {
+		starts.put(ino, p.PID, s.Start)
+	}
+	return nil
+}
+
+// checkRunning returns an error wrapping ErrExited, prefixed with when, if
+// p has a pidfd and its process has exited.
+func (p *Process) checkRunning(when string) error {
+	if p.pidfd < 0 {
+		return nil
+	}
+	exited, err := pidfdExited(p.pidfd)
+	if err != nil {
+		return err
+	}
+	if exited {
+		return fmt.Errorf("%s: %w", when, ErrExited)
+	}
 	return nil
 }

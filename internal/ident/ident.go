@@ -10,7 +10,11 @@
 // SO_PEERPIDFD (Linux 6.5 and later). The start time is read from
 // /proc/PID/stat and then proved to belong to that process by checking,
 // through the pidfd, that it had not exited by the time the read finished:
-// a pid is only reused after its process is reaped.
+// a pid is only reused after its process is reaped. On kernels with pidfs
+// (Linux 6.9 and later) a start time so proved is cached by the pidfd's
+// inode number, which names one process for the life of the system, and a
+// process's later connections are identified without reading /proc
+// (pidfs.go).
 //
 // On kernels without SO_PEERPIDFD, FromConn opens a pidfd with pidfd_open
 // on the pid SO_PEERCRED gave, which may already name a different process,
@@ -23,7 +27,7 @@
 // holds only the pid and start time, and Alive and Exited compare /proc
 // with them.
 //
-// FromConn reads /proc/PID/stat of the peer, so procfs must be mounted at
+// FromConn reads /proc/PID/stat of a peer not in that cache, so procfs must be mounted at
 // /proc for the caller's pid namespace, and readable for other users'
 // processes (no hidepid=, or the caller in its gid=).
 //
