@@ -59,8 +59,9 @@ type Agent struct {
 
 	partitions map[string]*partition // fixed after start
 	self       *selfCarrier
-	budget     *memBudget // limits.memory: bytes buffered for all channels
-	spare      fdSpare    // a file descriptor kept for answering when out of them
+	strays     chan struct{} // tokens of answers on links no peer uses (lazylink.go)
+	budget     *memBudget    // limits.memory: bytes buffered for all channels
+	spare      fdSpare       // a file descriptor kept for answering when out of them
 	policy     atomic.Pointer[policy.Policy]
 	pol        policyState // with a registry: its policy and the listen rules (policydoc.go)
 	revoked    atomic.Pointer[cert.Revocations]
@@ -142,6 +143,7 @@ func New(cfg *config.Config, log *slog.Logger) (*Agent, error) {
 	a.budget = newBudget(int64(cfg.Limits.Memory), int64(cfg.Limits.Memory)/8)
 	a.self = &selfCarrier{a: a, bud: a.peerBudget(), pending: make(chan struct{}, maxAccepting),
 		answers: make(chan struct{}, maxReplies)}
+	a.strays = make(chan struct{}, maxReplies)
 	a.policy.Store(cfg.Policy)
 	a.pol.listen = cfg.ListenRules
 	a.linkCfg = &link.Config{

@@ -45,12 +45,27 @@ func TestHostileRefusesBackToBack(t *testing.T) {
 	e.sink.next(t).Close()
 }
 
-// TestHostileAnswerFlood: a peer that sends frames node-a must answer — here
-// Credits for channels it does not have, each answered by a Close — while
-// it reads nothing cannot pile up goroutines in node-a: at most
+// TestHostileAnswerFlood: a peer that sends frames node-a must answer —
+// Credits for channels it does not have (each answered by a Close), or
+// questions whether an idle link may close (each answered by an Idle) —
+// while it reads nothing cannot pile up goroutines in node-a: at most
 // maxReplies answers are being written at once, the rest are dropped and
 // counted as refused_reply_backlog.
 func TestHostileAnswerFlood(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		msg  func(i int) []byte
+	}{
+		{"credits for unknown channels", func(i int) []byte {
+			return (&wire.Credit{Index: 0x7fff0000 + uint32(i), DstConn: uint64(i), SrcConn: uint64(i), Granted: 1}).Marshal()
+		}},
+		{"idle questions", func(int) []byte { return (&wire.Idle{Step: wire.IdleAsk}).Marshal() }},
+	} {
+		t.Run(c.name, func(t *testing.T) { answerFlood(t, c.msg) })
+	}
+}
+
+func answerFlood(t *testing.T, msg func(i int) []byte) {
 	e := startHostileEnv(t, false)
 	e.h.block = make(chan struct{}) // node-c stops reading
 	unblock := func() {
@@ -72,10 +87,9 @@ func TestHostileAnswerFlood(t *testing.T) {
 		}
 		peak <- m
 	}()
-	const n = 150_000 // answers of about 60 bytes: more than the sockets' buffers hold
+	const n = 150_000 // answers of tens of bytes: more than the sockets' buffers hold
 	for i := range n {
-		c := &wire.Credit{Index: 0x7fff0000 + uint32(i), DstConn: uint64(i), SrcConn: uint64(i), Granted: 1}
-		if err := e.h.l.Send(c.Marshal()); err != nil {
+		if err := e.h.l.Send(msg(i)); err != nil {
 			break // node-a closed the link: its writes found node-c not reading
 		}
 	}

@@ -48,15 +48,22 @@ const maxReplies = 64
 // dropped and counted (its opens then time out, as when a frame is lost),
 // so it cannot pile up goroutines.
 func (a *Agent) reply(car carrier, msg []byte) {
+	a.answer(car.replies(), func() { car.sendControl(msg) })
+}
+
+// answer runs send on a goroutine of its own if a token of tokens is free,
+// and gives the token back when send returns; with none free it drops the
+// answer and counts it (reply).
+func (a *Agent) answer(tokens chan struct{}, send func()) {
 	select {
-	case car.replies() <- struct{}{}:
+	case tokens <- struct{}{}:
 	default:
 		a.counters.refuse("reply_backlog")
 		return
 	}
 	a.goRun(func() {
-		car.sendControl(msg)
-		<-car.replies()
+		send()
+		<-tokens
 	})
 }
 

@@ -240,8 +240,15 @@ func (a *Agent) handleIdle(l *link.Link, msg []byte) error {
 			answer = wire.IdleYes
 			a.log.Info("peer link closing: idle", "peer", name, "asked_by", name)
 		}
+		// Bounded as every answer to a peer is (reply): a peer that asks
+		// again and again while it reads nothing holds at most
+		// maxReplies answers being written.
+		tokens := a.strays
+		if p != nil {
+			tokens = p.carrier.replies()
+		}
 		reply := (&wire.Idle{Step: answer}).Marshal()
-		a.goRun(func() { l.Send(reply) })
+		a.answer(tokens, func() { l.Send(reply) })
 	case wire.IdleYes:
 		// The peer sends nothing more on l: take it away whatever this
 		// side thought, and close it.
