@@ -348,7 +348,7 @@ func TestMetrics(t *testing.T) {
 	}
 	// Labels are only the bounded ones.
 	allowed := map[string]bool{"node": true, "version": true, "revision": true, "goversion": true, "partition": true,
-		"kind": true, "state": true, "direction": true, "reason": true, "result": true, "peer": true, "le": true}
+		"kind": true, "state": true, "direction": true, "reason": true, "result": true, "peer": true, "link": true, "le": true}
 	for k := range a3.series {
 		if !strings.HasPrefix(k, "sinc_") {
 			continue

@@ -28,8 +28,11 @@ import (
 //	kind        stream, message
 //	state       channels: opening, open; peers: up, connecting, down
 //	direction   in (to this node's processes, or read from peers), out
-//	peer        the configured peers: as many as the configuration (or the
-//	            cluster's registry) names nodes, never a dialing address
+//	peer        the peers in the peer table: the configured ones, or with
+//	            a registry the nodes this agent links to now (never the
+//	            nodes it only knows of: sinc_peers counts those), never a
+//	            dialing address
+//	link        linked, idle, unlinked
 //	reason      the constant reasons of sinc stats (counters.refuse and the
 //	result      data path's rejections), never text from a peer or process
 //
@@ -58,8 +61,11 @@ var (
 		"Handshakes on the peer port, by result: ok, or the reason it failed (also in sinc_refusals_total as handshake_<reason>).",
 		[]string{"result"}, nil)
 	descPeerState = prometheus.NewDesc("sinc_peer_state",
-		"The state of the link to each configured peer: 1 for the state it is in, 0 for the others.",
+		"The state of the link to each peer in the peer table: 1 for the state it is in, 0 for the others.",
 		[]string{"peer", "state"}, nil)
+	descPeers = prometheus.NewDesc("sinc_peers",
+		"Nodes this agent knows, by link: linked (an up link carrying channels), idle (an up link carrying none), unlinked (with a registry: known, no link).",
+		[]string{"link"}, nil)
 	descLinkFrames = prometheus.NewDesc("sinc_link_frames_total",
 		"Frames on the links to a peer (control and data), each way.",
 		[]string{"peer", "direction"}, nil)
@@ -134,7 +140,7 @@ type collector struct{ a *Agent }
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descBuild, descChannels, descChannelBytes, descDataFrames, descRejected,
-		descRefusals, descHandshakes, descPeerState, descLinkFrames, descLinkBytes, descLinkDials, descLinkUps,
+		descRefusals, descHandshakes, descPeerState, descPeers, descLinkFrames, descLinkBytes, descLinkDials, descLinkUps,
 		descLinkDowns, descOpenLatency, descMemInUse, descMemPeak, descMemLimit} {
 		ch <- d
 	}
@@ -219,7 +225,15 @@ func (c collector) collectChannels(ch chan<- prometheus.Metric) {
 // carried and did.
 func (c collector) collectPeers(ch chan<- prometheus.Metric) {
 	a := c.a
+	byLink := map[string]int{stateLinked: 0, stateIdle: 0, stateUnlinked: 0}
 	for _, r := range a.peerRows() {
+		byLink[r.Link]++
+		if r.State == stateUnlinked {
+			// Known to the registry only: a thousand nodes known would be
+			// thousands of series of zeros in every agent. They are
+			// counted in sinc_peers.
+			continue
+		}
 		for _, st := range []string{stateUp, stateConnecting, stateDown} {
 			v := 0.0
 			if r.State == st {
@@ -231,6 +245,9 @@ func (c collector) collectPeers(ch chan<- prometheus.Metric) {
 		emit(ch, descLinkFrames, prometheus.CounterValue, float64(r.FramesOut), r.Peer, "out")
 		emit(ch, descLinkBytes, prometheus.CounterValue, float64(r.BytesIn), r.Peer, "in")
 		emit(ch, descLinkBytes, prometheus.CounterValue, float64(r.BytesOut), r.Peer, "out")
+	}
+	for link, n := range byLink {
+		emit(ch, descPeers, prometheus.GaugeValue, float64(n), link)
 	}
 	type events struct{ dials, ups, downs uint64 }
 	a.mu.Lock()

@@ -601,9 +601,13 @@ func (a *Agent) peerRows() []admin.PeerRow {
 	return rows
 }
 
-// stateUnlinked is the state of a node known to the registry that this
-// agent has no peer for.
-const stateUnlinked = "unlinked"
+// The link states of sinc peers: a node known to the registry that this
+// agent has no peer for (or a peer with no link) is unlinked.
+const (
+	stateLinked   = "linked"
+	stateIdle     = "idle"
+	stateUnlinked = "unlinked"
+)
 
 // linkState says whether p is linked (an up link that carries channels,
 // or opens on their way), idle (an up link that carries none) or
@@ -613,9 +617,9 @@ func (a *Agent) linkState(p *peer) string {
 	case p.link == nil:
 		return stateUnlinked
 	case p.users > 0 || a.tables.count(p.name) > 0:
-		return "linked"
+		return stateLinked
 	}
-	return "idle"
+	return stateIdle
 }
 
 func (a *Agent) handleAdmin(req admin.Request) *admin.Response {

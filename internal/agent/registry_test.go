@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"sinc.dev/sinc"
@@ -153,6 +154,20 @@ func TestRegistryLazyLink(t *testing.T) {
 	if n != 0 {
 		t.Fatalf("node-a has %d peers before any channel", n)
 	}
+	// A node only known is counted in the metrics, with no series of its
+	// own: a thousand known nodes are not thousands of series of zeros.
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(collector{a.Agent})
+	got := gather(t, reg)
+	if got["sinc_peers,link=unlinked"] != 1 || got["sinc_peers,link=linked"] != 0 {
+		t.Errorf("sinc_peers before any channel: unlinked %v, linked %v; want 1, 0",
+			got["sinc_peers,link=unlinked"], got["sinc_peers,link=linked"])
+	}
+	for k := range got {
+		if strings.Contains(k, "peer=node-b") {
+			t.Errorf("a series for node-b, which is only known: %s", k)
+		}
+	}
 
 	echo(t, listenOn(t, c.Nodes["node-b"], "echo"))
 	start := time.Now()
@@ -161,6 +176,10 @@ func TestRegistryLazyLink(t *testing.T) {
 		t.Fatalf("first open: %v", err)
 	}
 	t.Logf("first open, with its link, took %s", time.Since(start))
+	if got := gather(t, reg); got["sinc_peers,link=linked"] != 1 || got["sinc_peer_state,peer=node-b,state=up"] != 1 {
+		t.Errorf("metrics with a channel to node-b: sinc_peers linked %v, peer state up %v; want 1, 1",
+			got["sinc_peers,link=linked"], got["sinc_peer_state,peer=node-b,state=up"])
+	}
 	if r := peerRow(t, a, "node-b"); r.Link != "linked" || r.State != "up" || !r.Initiator {
 		t.Errorf("node-a's row for node-b with a channel: %+v", r)
 	}
