@@ -16,9 +16,10 @@ import (
 // revision it waits from, and the watch fails. So the documents are read
 // at start, watched from the revision read, and read again every
 // cfg.DocsEvery (jittered) whatever the watch says; a failed watch reads
-// again and watches anew. Each read hands the bytes to the Sink, which
-// verifies them and keeps the newest (internal/agent): handing over the
-// same document twice costs a comparison.
+// again and watches anew. A read hands the bytes of a document to the
+// Sink only if the document changed since it was last handed over (its
+// revision in etcd); the Sink verifies them and keeps the newest
+// (internal/agent).
 //
 // A document deleted from the registry changes nothing: the agent keeps
 // the newest it verified (and a copy in its state folder), since a
@@ -40,31 +41,55 @@ func (e *Etcd) followDocs(ctx context.Context, s Sink) {
 	}
 }
 
-// readDocs reads both documents at one revision and hands each present
-// one to s. It returns the revision.
+// readDocs reads both documents at one revision and hands to s each
+// present one that changed since it was last handed over. It returns the
+// revision. Only the keys' revisions are read first: the revocation list
+// may be a megabyte, and a thousand agents reading it whole every 30 s
+// would keep etcd sending it for nothing.
 func (e *Etcd) readDocs(ctx context.Context, s Sink) (int64, error) {
 	var resp *clientv3.TxnResponse
 	err := e.retry(ctx, "read the revocation list and the policy", func(ctx context.Context) (err error) {
-		resp, err = e.cli.Txn(ctx).Then(clientv3.OpGet(e.keys.Revocations()), clientv3.OpGet(e.keys.Policy())).Commit()
+		resp, err = e.cli.Txn(ctx).Then(clientv3.OpGet(e.keys.Revocations(), clientv3.WithKeysOnly()),
+			clientv3.OpGet(e.keys.Policy(), clientv3.WithKeysOnly())).Commit()
 		return err
 	})
 	if err != nil {
 		return 0, err
 	}
+	rev := resp.Header.Revision
+	var gets []clientv3.Op
 	for _, r := range resp.Responses {
 		for _, kv := range r.GetResponseRange().Kvs {
-			e.deliver(s, kv)
+			if kv.ModRevision != e.docRevs[string(kv.Key)] {
+				gets = append(gets, clientv3.OpGet(string(kv.Key), clientv3.WithRev(rev)))
+			}
+		}
+	}
+	if len(gets) > 0 {
+		err := e.retry(ctx, "read the revocation list and the policy", func(ctx context.Context) (err error) {
+			resp, err = e.cli.Txn(ctx).Then(gets...).Commit()
+			return err
+		})
+		if err != nil {
+			return 0, err
+		}
+		for _, r := range resp.Responses {
+			for _, kv := range r.GetResponseRange().Kvs {
+				e.deliver(s, kv)
+			}
 		}
 	}
 	e.mu.Lock()
 	e.status.DocsReadAt = time.Now()
 	e.mu.Unlock()
-	return resp.Header.Revision, nil
+	return rev, nil
 }
 
-// deliver hands one document to s, unless it is too large.
+// deliver hands one document to s, unless it is too large, and notes its
+// revision (docRevs).
 func (e *Etcd) deliver(s Sink, kv *mvccpb.KeyValue) {
 	key := string(kv.Key)
+	e.docRevs[key] = kv.ModRevision
 	if max := e.keys.Bound(key); len(kv.Value) > max {
 		e.log.Warn("registry document refused: too large", "key", key, "bytes", len(kv.Value), "limit", max)
 		return

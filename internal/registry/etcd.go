@@ -51,6 +51,11 @@ type Etcd struct {
 	putRev  int64         // the store's revision of the record's last put
 	goneRev int64         // the revision of the last deletion of the record seen
 
+	// docRevs is each document's revision when it was last handed to the
+	// Sink: a read again of an unchanged one fetches and hands nothing.
+	// Only followDocs's goroutine uses it.
+	docRevs map[string]int64
+
 	// abandon, set by tests, makes Run return without revoking the
 	// lease: the record stays until its TTL runs out, as after a kill -9.
 	abandon bool
@@ -101,6 +106,7 @@ func NewEtcd(cli *clientv3.Client, cfg EtcdConfig, self Self, log *slog.Logger) 
 		changed: make(chan struct{}, 1),
 		gone:    make(chan struct{}, 1),
 		putDone: make(chan struct{}),
+		docRevs: map[string]int64{},
 	}, nil
 }
 

@@ -81,11 +81,12 @@ type Sink interface {
 	// NodeGone says a node's record is gone (its lease expired, or it
 	// was deleted), or was replaced by one that does not parse.
 	NodeGone(name string)
-	// Revocations hands over the revocation list as stored (PEM), each
-	// time it is read: the agent verifies it and keeps the newest.
+	// Revocations hands over the revocation list as stored (PEM), at
+	// start and each time it changes (a backend may hand over the same
+	// list again): the agent verifies it and keeps the newest.
 	Revocations(data []byte, source string)
-	// Policy hands over the cluster policy document as stored, each
-	// time it is read.
+	// Policy hands over the cluster policy document as stored, at start
+	// and each time it changes.
 	Policy(data []byte, source string)
 }
 
