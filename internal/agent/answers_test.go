@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"sinc.dev/sinc"
+	"sinc.dev/sinc/internal/local"
 	"sinc.dev/sinc/internal/wire"
 )
 
@@ -102,4 +103,43 @@ func answerFlood(t *testing.T, msg func(i int) []byte) {
 		return stats(t, e.a)["refused_reply_backlog"] > 0
 	})
 	unblock()
+}
+
+// TestCreditForEndingChannelIsAnswered: a Credit that finds a channel
+// ended but not yet out of the tables — its end's Close sent, perhaps on
+// a link that broke under it while the peer resumed the channel on the
+// next — is answered with that Close again, its reason intact. (It was
+// ignored: TestChannelStateInterleavings, under load, left a channel open
+// on node-b for good after its peer had ended it.)
+func TestCreditForEndingChannelIsAnswered(t *testing.T) {
+	e := startHostileEnv(t, false)
+	hc, conn := e.accepted(t)
+	defer conn.Close()
+	ch := e.a.tables.lookupIndex(hc.acc.Index)
+	if ch == nil {
+		t.Fatal("node-a has no channel for the hostile's open")
+	}
+	// The moment inside finish between marking the channel ended and
+	// taking it out of the tables, held.
+	ch.mu.Lock()
+	ch.state.status = statusEnded
+	ch.closeErr = &local.Error{Code: wire.CodeReset.String(), Message: "the real reason"}
+	ch.mu.Unlock()
+	ch.ended.Store(true)
+	start := e.h.mark()
+	e.h.sendCtl(t, (&wire.Credit{Index: hc.acc.Index, DstConn: hc.acc.Conn, SrcConn: hc.open.Conn, Granted: 1, Flags: wire.FlagResend}).Marshal())
+	m, err := wire.ParseClose(e.h.waitCtlFrom(t, start, "node-a's Close again", hc.isCloseOf))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.Code != wire.CodeReset || m.Reason != "the real reason" {
+		t.Fatalf("Close again: %s %q, want reset with the reason of the end", m.Code, m.Reason)
+	}
+	// Let finish run through, as it would have.
+	ch.mu.Lock()
+	ch.state.status = statusOpen
+	ch.closeErr = nil
+	ch.mu.Unlock()
+	ch.ended.Store(false)
+	ch.end(&local.Error{Code: wire.CodeReset.String(), Message: "the real reason"}, true)
 }

@@ -300,13 +300,31 @@ func (ch *channel) abortTelling(code wire.Code, reason, peerReason string) {
 func (ch *channel) end(why *local.Error, tell bool) {
 	var c *wire.Close
 	if tell {
-		c = &wire.Close{Code: wire.CodeClosed, Reason: "closed"}
-		if why != nil {
-			c.Code, _ = wire.ParseCode(why.Code)
-			c.Reason = why.Message
-		}
+		c = closeFor(why)
 	}
 	ch.finish(why, c)
+}
+
+// closeFor is the Close that tells the peer a channel ended for why (nil:
+// a graceful end), its ids not yet filled.
+func closeFor(why *local.Error) *wire.Close {
+	c := &wire.Close{Code: wire.CodeClosed, Reason: "closed"}
+	if why != nil {
+		c.Code, _ = wire.ParseCode(why.Code)
+		c.Reason = why.Message
+	}
+	return c
+}
+
+// closeAgain is the Close of an ended channel, as its end sent it, for a
+// peer that shows it did not get it (handleCredit).
+func (ch *channel) closeAgain() *wire.Close {
+	ch.mu.Lock()
+	why, st := ch.closeErr, ch.state
+	ch.mu.Unlock()
+	c := closeFor(why)
+	c.Index, c.DstConn, c.SrcConn = st.remoteIndex, st.remoteConn, ch.id
+	return c
 }
 
 // finish is end: tell, if not nil, is the Close for the peer, its ids not

@@ -566,8 +566,19 @@ func (a *Agent) handleCredit(car carrier, m *wire.Credit) {
 		a.reply(car, c.Marshal())
 		return
 	}
-	if !a.idsMatch(car, ch, m.DstConn, m.SrcConn) || ch.ended.Load() {
-		return // an ended channel: its end told the peer why
+	if !a.idsMatch(car, ch, m.DstConn, m.SrcConn) {
+		return
+	}
+	if ch.ended.Load() {
+		// Ended, on its way out of the tables. Its end sent the peer a
+		// Close, but perhaps on a link that broke under it (the send
+		// can wait for a dying link while the peer resumes the channel
+		// on the next one): the peer, which still has the channel,
+		// would wait for it for good. Tell it again, with the same
+		// reason (a Close of our own making could overtake the first
+		// and lose it).
+		a.reply(car, ch.closeAgain().Marshal())
+		return
 	}
 	ch.keys.mu.Lock()
 	sealed := ch.keys.sendCtr
