@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"strings"
 	"time"
 
@@ -36,7 +37,8 @@ var (
 	etcdRequestTimeout = 2 * time.Second
 	etcdAttempts       = 4                      // per request
 	etcdRetryPause     = 250 * time.Millisecond // between attempts
-	publishRounds      = 5                      // lost races before giving up
+	publishRounds      = 8                      // lost races before giving up
+	publishBackoff     = 10 * time.Millisecond  // after a lost race, a random wait up to this, doubling
 
 	// testHookBeforeSwap, when set, runs between reading the key and
 	// putting the new document: tests lose the leader there.
@@ -163,7 +165,14 @@ func (p *publisher) swap(key string, rev int64, val []byte) (bool, error) {
 // the registry.
 func (p *publisher) publish(key string, next func(current []byte) (doc []byte, save func() error, err error)) ([]byte, error) {
 	var last []byte // the document of the previous round
-	for range publishRounds {
+	backoff := publishBackoff
+	for round := range publishRounds {
+		if round > 0 {
+			// Two operators that lost to each other try again at
+			// different times, not in step round after round.
+			time.Sleep(rand.N(backoff))
+			backoff *= 2
+		}
 		cur, rev, err := p.get(key)
 		if err != nil {
 			return nil, err
