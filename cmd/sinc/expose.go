@@ -41,24 +41,17 @@ flags:
 
 func runExpose(args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("expose", stderr)
-	socket := fs.String("socket", "", "the partition socket (default $SINC_SOCKET)")
-	maxConns := fs.Int("max-conns", defaultMaxConns, "channels relayed at once; past it, new ones are aborted at once")
-	timeout := fs.Duration("timeout", 10*time.Second, "how long connecting to TARGET may take")
-	logFormat := fs.String("log-format", "text", "log format: text or json")
-	logLevel := fs.String("log-level", "info", "log level: debug (a line per channel), info, warn, error")
+	rf := addRelayFlags(fs, "channel", "aborted", "connecting to TARGET")
 	fs.Usage = func() { fmt.Fprint(stderr, exposeHelp); fs.PrintDefaults() }
 	pos, err := parse(fs, args, 2)
 	if err != nil {
 		return err
 	}
-	if *maxConns < 1 || *timeout <= 0 {
-		return usagef("--max-conns must be at least 1 and --timeout positive")
-	}
 	target, err := parseLocalAddr(pos[1])
 	if err != nil {
 		return usageError{"TARGET " + err.Error()}
 	}
-	log, stopLog, err := newRelayLog(stderr, *logFormat, *logLevel)
+	log, stopLog, err := rf.start(stderr)
 	if err != nil {
 		return err
 	}
@@ -67,14 +60,14 @@ func runExpose(args []string, stdout, stderr io.Writer) error {
 	defer stop()
 
 	lctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	l, err := (&sinc.ListenConfig{Socket: *socket}).Listen(lctx, pos[0])
+	l, err := (&sinc.ListenConfig{Socket: *rf.socket}).Listen(lctx, pos[0])
 	cancel()
 	if err != nil {
 		return err
 	}
-	e := &exposer{target: target, dialer: &net.Dialer{Timeout: *timeout},
-		slots: make(limiter, *maxConns), log: log}
-	log.Info("exposing", "service", l.Addr().String(), "target", target.String(), "max_conns", *maxConns)
+	e := &exposer{target: target, dialer: &net.Dialer{Timeout: *rf.timeout},
+		slots: make(limiter, *rf.maxConns), log: log}
+	log.Info("exposing", "service", l.Addr().String(), "target", target.String(), "max_conns", *rf.maxConns)
 	if err := e.serve(ctx, l); err != nil {
 		return err
 	}

@@ -51,14 +51,10 @@ flags:
 
 func runForward(args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("forward", stderr)
-	socket := fs.String("socket", "", "the partition socket (default $SINC_SOCKET)")
 	mode := fs.String("mode", "0600", "a Unix LISTEN socket's mode")
 	owner := fs.String("owner", "", "a Unix LISTEN socket's owner: user name or uid (default the forwarder's)")
 	group := fs.String("group", "", "a Unix LISTEN socket's group: group name or gid (default the forwarder's)")
-	maxConns := fs.Int("max-conns", defaultMaxConns, "connections relayed at once; past it, new ones are reset at once")
-	timeout := fs.Duration("timeout", 10*time.Second, "how long opening a channel may take")
-	logFormat := fs.String("log-format", "text", "log format: text or json")
-	logLevel := fs.String("log-level", "info", "log level: debug (a line per connection), info, warn, error")
+	rf := addRelayFlags(fs, "connection", "reset", "opening a channel")
 	fs.Usage = func() { fmt.Fprint(stderr, forwardHelp); fs.PrintDefaults() }
 	pos, err := parse(fs, args, 2)
 	if err != nil {
@@ -67,9 +63,6 @@ func runForward(args []string, stdout, stderr io.Writer) error {
 	target := pos[1]
 	if _, err := local.ParseAddr(target); err != nil {
 		return usageError{err.Error()}
-	}
-	if *maxConns < 1 || *timeout <= 0 {
-		return usagef("--max-conns must be at least 1 and --timeout positive")
 	}
 	la, err := parseLocalAddr(pos[0])
 	if err != nil {
@@ -87,7 +80,7 @@ func runForward(args []string, stdout, stderr io.Writer) error {
 			return err
 		}
 	}
-	log, stopLog, err := newRelayLog(stderr, *logFormat, *logLevel)
+	log, stopLog, err := rf.start(stderr)
 	if err != nil {
 		return err
 	}
@@ -100,11 +93,11 @@ func runForward(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	f := &forwarder{
-		target: target, timeout: *timeout,
-		dialer: &sinc.Dialer{Socket: *socket, Kind: sinc.Stream},
-		slots:  make(limiter, *maxConns), log: log,
+		target: target, timeout: *rf.timeout,
+		dialer: &sinc.Dialer{Socket: *rf.socket, Kind: sinc.Stream},
+		slots:  make(limiter, *rf.maxConns), log: log,
 	}
-	log.Info("forwarding", "listen", ln.Addr().String(), "to", target, "max_conns", *maxConns)
+	log.Info("forwarding", "listen", ln.Addr().String(), "to", target, "max_conns", *rf.maxConns)
 	f.serve(ctx, ln)
 	log.Info("stopped", "listen", ln.Addr().String(), "to", target)
 	return nil

@@ -34,6 +34,7 @@ package main
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -238,12 +239,37 @@ func parseLocalAddr(s string) (localAddr, error) {
 	return localAddr{"tcp", s}, nil
 }
 
-// newRelayLog makes the log of a forwarder or an exposer (startLog).
-func newRelayLog(stderr io.Writer, format, level string) (log *slog.Logger, stop func(), err error) {
-	f, l, err := logFlags(format, level)
+// relayFlags are the flags forward and expose share.
+type relayFlags struct {
+	socket              *string
+	maxConns            *int
+	timeout             *time.Duration
+	logFormat, logLevel *string
+}
+
+// addRelayFlags defines them on fs; unit names what is relayed
+// ("connection", "channel"), full what happens past --max-conns, and
+// timeout what --timeout bounds.
+func addRelayFlags(fs *flag.FlagSet, unit, full, timeout string) *relayFlags {
+	return &relayFlags{
+		socket:    fs.String("socket", "", "the partition socket (default $SINC_SOCKET)"),
+		maxConns:  fs.Int("max-conns", defaultMaxConns, unit+"s relayed at once; past it, new ones are "+full+" at once"),
+		timeout:   fs.Duration("timeout", 10*time.Second, "how long "+timeout+" may take"),
+		logFormat: fs.String("log-format", "text", "log format: text or json"),
+		logLevel:  fs.String("log-level", "info", "log level: debug (a line per "+unit+"), info, warn, error"),
+	}
+}
+
+// start checks the flags and makes the log of a forwarder or an exposer
+// (startLog); stop writes its last counts.
+func (f *relayFlags) start(stderr io.Writer) (log *slog.Logger, stop func(), err error) {
+	if *f.maxConns < 1 || *f.timeout <= 0 {
+		return nil, nil, usagef("--max-conns must be at least 1 and --timeout positive")
+	}
+	format, level, err := logFlags(*f.logFormat, *f.logLevel)
 	if err != nil {
 		return nil, nil, err
 	}
-	log, stop = startLog(stderr, f, l)
+	log, stop = startLog(stderr, format, level)
 	return log, stop, nil
 }
