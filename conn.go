@@ -60,6 +60,7 @@ type Conn struct {
 	kind   Kind
 	info   Connection
 	remote Addr
+	ring   *ringEnd // the ring path (ring.go), or nil: records on c
 
 	closing atomic.Bool
 	reason  atomic.Pointer[Error] // why the channel ended, once a Read learned it
@@ -96,12 +97,18 @@ const closeFlushWait = time.Second
 // aLongTimeAgo is a deadline that has passed.
 var aLongTimeAgo = time.Unix(1, 0)
 
-func newConn(c *net.UnixConn, kind Kind, info *local.Conn, remote Addr) (*Conn, error) {
+func newConn(c *net.UnixConn, kind Kind, info *local.Conn, remote Addr, withRing bool) (*Conn, error) {
 	br, err := newRecvBuffer(c)
 	if err != nil {
 		return nil, err
 	}
 	cn := &Conn{c: c, kind: kind, remote: remote, br: br}
+	if withRing {
+		if cn.ring, err = openRing(c); err != nil {
+			return nil, err
+		}
+		trackRing(cn)
+	}
 	if info != nil {
 		cn.info = *info
 	}
@@ -161,15 +168,31 @@ func (c *Conn) end(op string, typ byte, payload []byte) error {
 	}
 	c.closing.Store(true)
 	c.c.SetReadDeadline(aLongTimeAgo)
+	if c.ring != nil {
+		c.ring.rdl.Store(aLongTimeAgo.UnixNano())
+	}
 	interrupted := !c.wmu.TryLock()
 	if interrupted {
 		c.c.SetWriteDeadline(aLongTimeAgo)
+		if c.ring != nil {
+			setDeadline(&c.ring.wdl, c.ring.writeWait, aLongTimeAgo)
+		}
 		c.wmu.Lock()
 	}
 	c.dmu.Unlock()
-	c.finish(interrupted, typ, payload)
+	if c.ring != nil {
+		c.ringFinish(interrupted, typ, payload)
+	} else {
+		c.finish(interrupted, typ, payload)
+	}
 	c.wmu.Unlock()
 	c.c.Close()
+	if c.ring != nil {
+		untrackRing(c)
+		c.rmu.Lock() // a Read woken by the deadline has left the memory
+		c.ring.close()
+		c.rmu.Unlock()
+	}
 	return nil
 }
 
@@ -188,9 +211,33 @@ func (c *Conn) RemoteAddr() net.Addr { return c.remote }
 
 // SetDeadline sets the read and write deadlines. A deadline that passes
 // leaves the channel consistent (see the top of this file).
-func (c *Conn) SetDeadline(t time.Time) error      { return c.setDeadline(t, c.c.SetDeadline) }
-func (c *Conn) SetReadDeadline(t time.Time) error  { return c.setDeadline(t, c.c.SetReadDeadline) }
-func (c *Conn) SetWriteDeadline(t time.Time) error { return c.setDeadline(t, c.c.SetWriteDeadline) }
+func (c *Conn) SetDeadline(t time.Time) error {
+	return c.setDeadline(t, func(t time.Time) error {
+		if c.ring != nil {
+			setDeadline(&c.ring.rdl, nil, t)
+			setDeadline(&c.ring.wdl, c.ring.writeWait, t)
+		}
+		return c.c.SetDeadline(t)
+	})
+}
+
+func (c *Conn) SetReadDeadline(t time.Time) error {
+	return c.setDeadline(t, func(t time.Time) error {
+		if c.ring != nil {
+			setDeadline(&c.ring.rdl, nil, t)
+		}
+		return c.c.SetReadDeadline(t)
+	})
+}
+
+func (c *Conn) SetWriteDeadline(t time.Time) error {
+	return c.setDeadline(t, func(t time.Time) error {
+		if c.ring != nil {
+			setDeadline(&c.ring.wdl, c.ring.writeWait, t)
+		}
+		return c.c.SetWriteDeadline(t)
+	})
+}
 
 func (c *Conn) setDeadline(t time.Time, set func(time.Time) error) error {
 	c.dmu.Lock()

@@ -49,7 +49,7 @@ func TestWriteDeadlineCommitsRecord(t *testing.T) {
 	for _, kind := range []Kind{Stream, Message} {
 		a, b := socketPair(t)
 		a.SetWriteBuffer(4096) // the socket takes a few KiB: a record goes in parts
-		c, err := newConn(a, kind, nil, "test")
+		c, err := newConn(a, kind, nil, "test", false)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -103,7 +103,7 @@ func TestWriteDeadlineCommitsRecord(t *testing.T) {
 func TestCloseWriteFinishesRecord(t *testing.T) {
 	a, b := socketPair(t)
 	a.SetWriteBuffer(4096)
-	c, _ := newConn(a, Stream, nil, "test")
+	c, _ := newConn(a, Stream, nil, "test", false)
 	defer c.Close()
 	data := bytes.Repeat([]byte("0123456789abcdef"), 8192) // two records
 	c.SetWriteDeadline(time.Now().Add(50 * time.Millisecond))
@@ -145,7 +145,7 @@ func TestReadResumesAcrossDeadlines(t *testing.T) {
 	}
 	t.Run("message", func(t *testing.T) {
 		a, b := socketPair(t)
-		c, _ := newConn(a, Message, nil, "test")
+		c, _ := newConn(a, Message, nil, "test", false)
 		defer c.Close()
 		rec := recordBytes(local.RecData, []byte("0123456789"))
 		buf := make([]byte, 64)
@@ -205,7 +205,7 @@ func TestReadResumesAcrossDeadlines(t *testing.T) {
 	})
 	t.Run("stream", func(t *testing.T) {
 		a, b := socketPair(t)
-		c, _ := newConn(a, Stream, nil, "test")
+		c, _ := newConn(a, Stream, nil, "test", false)
 		defer c.Close()
 		rec := recordBytes(local.RecData, []byte("0123456789"))
 		b.Write(rec[:3])
@@ -227,7 +227,7 @@ func TestReadResumesAcrossDeadlines(t *testing.T) {
 func TestReadRandomCuts(t *testing.T) {
 	for _, kind := range []Kind{Stream, Message} {
 		a, b := socketPair(t)
-		c, _ := newConn(a, kind, nil, "test")
+		c, _ := newConn(a, kind, nil, "test", false)
 		rng := rand.New(rand.NewPCG(7, uint64(kind)))
 		var msgs [][]byte
 		var wire []byte
@@ -315,8 +315,8 @@ func TestReadRandomCuts(t *testing.T) {
 // Conn's).
 func TestRecordPathAllocs(t *testing.T) {
 	a, b := socketPair(t)
-	w, _ := newConn(a, Stream, nil, "test")
-	r, _ := newConn(b, Stream, nil, "test")
+	w, _ := newConn(a, Stream, nil, "test", false)
+	r, _ := newConn(b, Stream, nil, "test", false)
 	p := make([]byte, 1024)
 	q := make([]byte, 1024)
 	allocs := testing.AllocsPerRun(200, func() {

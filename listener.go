@@ -27,6 +27,9 @@ type Listener struct {
 // ListenConfig configures Listen.
 type ListenConfig struct {
 	Socket string // the partition socket; "" for $SINC_SOCKET
+	// NoRing keeps accepted channels' data on their sockets instead of
+	// rings shared with the agent (ring.go); so does SINC_NO_RING=1.
+	NoRing bool
 }
 
 // Listen listens on service in the partition of $SINC_SOCKET.
@@ -37,7 +40,7 @@ func Listen(service string) (*Listener, error) {
 // Listen listens on service; ctx bounds the request (busy answers are
 // retried as by Dialer), not the listener.
 func (lc *ListenConfig) Listen(ctx context.Context, service string) (*Listener, error) {
-	c, resp, err := request(ctx, lc.Socket, &local.Request{Op: local.OpListen, Service: service})
+	c, resp, err := request(ctx, lc.Socket, &local.Request{Op: local.OpListen, Service: service, Ring: !lc.NoRing && ringDefault()})
 	if err != nil {
 		return nil, &OpError{Op: "listen", Addr: service, Err: err}
 	}
@@ -80,7 +83,7 @@ func (l *Listener) AcceptSinc() (*Conn, error) {
 	if n.Conn != nil {
 		remote = Addr(n.Conn.RemoteNode + "/" + n.Conn.RemotePartition)
 	}
-	c, err := newConn(fc.(*net.UnixConn), kind, n.Conn, remote)
+	c, err := newConn(fc.(*net.UnixConn), kind, n.Conn, remote, n.Ring)
 	if err != nil {
 		fc.Close()
 		return nil, l.opErr(err)

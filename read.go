@@ -28,9 +28,14 @@ func (c *Conn) Read(p []byte) (int, error) {
 	}
 	var n int
 	var err error
-	if c.kind == Message {
+	switch {
+	case c.ring != nil && c.kind == Message:
+		n, _, err = c.ringReadMessage(p, false)
+	case c.ring != nil:
+		n, err = c.ringReadStream(p)
+	case c.kind == Message:
 		n, _, err = c.readMessage(p, false)
-	} else {
+	default:
 		n, err = c.readStream(p)
 	}
 	return n, c.readErr(err)
@@ -46,7 +51,13 @@ func (c *Conn) ReadMessage() ([]byte, error) {
 	if err := c.readable(); err != nil {
 		return nil, err
 	}
-	_, m, err := c.readMessage(nil, true)
+	var m []byte
+	var err error
+	if c.ring != nil {
+		_, m, err = c.ringReadMessage(nil, true)
+	} else {
+		_, m, err = c.readMessage(nil, true)
+	}
 	return m, c.readErr(err)
 }
 

@@ -67,6 +67,9 @@ func (a Addr) String() string { return string(a) }
 type Dialer struct {
 	Socket string // the partition socket; "" for $SINC_SOCKET
 	Kind   Kind
+	// NoRing keeps the channel's data on its socket instead of a ring
+	// shared with the agent (ring.go); so does SINC_NO_RING=1.
+	NoRing bool
 }
 
 // Dial opens a stream channel to addr (node/partition/service).
@@ -80,11 +83,12 @@ func Dial(addr string) (*Conn, error) {
 // ends, or for at most 10 s when ctx has no deadline; then the last busy
 // answer is returned. No other answer is retried.
 func (d *Dialer) DialContext(ctx context.Context, addr string) (*Conn, error) {
-	c, resp, err := request(ctx, d.Socket, &local.Request{Op: local.OpOpen, To: addr, Kind: d.Kind.String()})
+	req := &local.Request{Op: local.OpOpen, To: addr, Kind: d.Kind.String(), Ring: !d.NoRing && ringDefault()}
+	c, resp, err := request(ctx, d.Socket, req)
 	if err != nil {
 		return nil, &OpError{Op: "dial", Addr: addr, Err: err}
 	}
-	cn, err := newConn(c, d.Kind, resp.Conn, Addr(addr))
+	cn, err := newConn(c, d.Kind, resp.Conn, Addr(addr), resp.Ring)
 	if err != nil {
 		c.Close()
 		return nil, &OpError{Op: "dial", Addr: addr, Err: err}

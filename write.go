@@ -36,6 +36,20 @@ func (c *Conn) Write(p []byte) (int, error) {
 		return 0, c.writeErr("write", err, false)
 	}
 	n := 0
+	if c.ring != nil {
+		for {
+			rec := p[n:min(len(p), n+local.MaxRecord)]
+			if len(rec) == 0 && c.kind == Stream {
+				return n, nil
+			}
+			if err := c.ringWrite(local.RecData, rec); err != nil {
+				return n, c.writeErr("write", err, false)
+			}
+			if n += len(rec); c.kind == Message || n == len(p) {
+				return n, nil
+			}
+		}
+	}
 	for {
 		rec := p[n:min(len(p), n+local.MaxRecord)]
 		if len(rec) == 0 && c.kind == Stream {
@@ -76,6 +90,13 @@ func (c *Conn) CloseWrite() error {
 	}
 	if err := c.flush(); err != nil {
 		return c.writeErr("close", err, false)
+	}
+	if c.ring != nil {
+		if err := c.ringWrite(local.RecFin, nil); err != nil {
+			return c.writeErr("close", err, false)
+		}
+		c.wdone = true
+		return nil
 	}
 	counted, err := c.writeRecord(local.RecFin, nil)
 	c.wdone = counted

@@ -38,9 +38,10 @@ type Agent struct {
 	identSlot []byte // protected memory of the node key in force
 	instance  [link.InstanceSize]byte
 
-	arena   *secret.Arena // protected memory for every key the agent holds
-	poller  *poller       // starts idle channels' outbound pumps; set by Run
-	pending *link.Gate    // handshakes in progress on the peer port
+	arena     *secret.Arena // protected memory for every key the agent holds
+	poller    *poller       // starts idle channels' outbound pumps; set by Run
+	ringSlots ringSlots     // the header pages of ring channels, per process
+	pending   *link.Gate    // handshakes in progress on the peer port
 
 	// The registry (registry.go): Static over [peers], or etcd, whose
 	// client the agent closes when it stops. lazy: links on demand

@@ -125,6 +125,10 @@ type channel struct {
 	finIn      bool        // the peer's FIN arrived
 	finDone    atomic.Bool // the peer's FIN was delivered to the process
 
+	// the ring path (ring.go), or nil: the socket path
+	ring   *chanRing
+	ringMu sync.Mutex // guards the ring up's memory (see ring.go)
+
 	bytesIn, bytesOut, recsIn, recsOut, retransmits atomic.Uint64
 }
 
@@ -247,6 +251,10 @@ func (ch *channel) start() {
 	ch.deliver = true
 	ch.kickInbound()
 	ch.rmu.Unlock()
+	if ch.ring != nil {
+		ch.startRing()
+		return
+	}
 	if ch.pre != nil || ch.a.poller.arm(ch) != nil {
 		ch.a.goRun(ch.outbound) // bytes came with the request, or no poller: a pump now
 	}
@@ -273,10 +281,20 @@ func (ch *channel) sweep() {
 		ch.smu.Unlock()
 		ch.txmu.Unlock()
 	}
+	ch.dropUp()
 	ch.rmu.Lock()
 	ch.keys.sweepAEADs()
-	unacked := ch.next > ch.ackSent
+	due, done := false, false
+	if ch.ring != nil {
+		ch.sweepRing()
+		due = ch.ackDueTaken() // the acknowledgement below carries the credit
+		done = ch.takeDone()
+	}
+	unacked := ch.next > ch.ackSent || due
 	ch.rmu.Unlock()
+	if done {
+		ch.a.goRun(ch.checkDone)
+	}
 	if unacked {
 		ch.a.goRun(func() { ch.sendAck(false) })
 	}
@@ -379,6 +397,7 @@ func (ch *channel) finish(why *local.Error, tell *wire.Close) {
 	ch.rtx, ch.acked = nil, nil // to the garbage collector: a resend may hold them
 	ch.smu.Unlock()
 	close(ch.done)
+	ch.closeRing()
 	if started {
 		ch.closeSocket(why)
 	}

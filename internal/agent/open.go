@@ -422,6 +422,13 @@ func (a *Agent) accept(car carrier, m *wire.Open, p *partition, l *listener, ref
 	}
 	ch.keys.setSend(m.Key[:])
 	ch.peerGrant = uint64(m.Window)
+	if l.ring {
+		if r, err := a.makeRing(l.proc); err == nil {
+			ch.ring = r // nothing else sees the channel yet
+		} else {
+			a.log.Warn("cannot make a channel's ring: it uses its socket", "conn", ch.id, "err", err)
+		}
+	}
 	ch.conn = local.Conn{Partition: p.name, Process: l.proc.wire(), Service: l.service, RemoteNode: m.SrcNode,
 		RemotePartition: m.SrcPart, RemoteProcess: local.Proc{PID: m.SrcProc.PID, UID: m.SrcProc.UID, GID: m.SrcProc.GID},
 		Kind: m.Kind.String(), Created: time.Now()}
@@ -470,7 +477,13 @@ func (a *Agent) handOver(car carrier, ch *channel, l *listener, fd int, acc *wir
 		return
 	}
 	row := ch.row()
-	err := l.notify(&row, fd)
+	var err error
+	if ch.ring != nil {
+		err = ch.offerRing() // waits in the socket for the listener
+	}
+	if err == nil {
+		err = l.notify(&row, fd, ch.ring != nil)
+	}
 	unix.Close(fd)
 	if err != nil {
 		ch.end(nil, false)

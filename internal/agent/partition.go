@@ -47,12 +47,13 @@ type listener struct {
 	service string
 	conn    *net.UnixConn
 	proc    *procRef
+	ring    bool // its channels go through rings (ring.go)
 	wmu     sync.Mutex
 }
 
 // notify hands the listener an accepted channel: the row, and the socket.
-func (l *listener) notify(row *local.Conn, fd int) error {
-	b, _ := json.Marshal(local.Notice{Event: "accept", Conn: row})
+func (l *listener) notify(row *local.Conn, fd int, ring bool) error {
+	b, _ := json.Marshal(local.Notice{Event: "accept", Conn: row, Ring: ring})
 	l.wmu.Lock()
 	defer l.wmu.Unlock()
 	l.conn.SetWriteDeadline(time.Now().Add(time.Second))
@@ -332,8 +333,15 @@ func (a *Agent) serveLocal(p *partition, w *waiter) {
 			reply(conn, &local.Response{Error: a.withoutAddrs(lerr)})
 			return
 		}
+		if req.Ring {
+			ch.attachRing()
+		}
 		row := ch.row()
-		if err := reply(conn, &local.Response{OK: true, Conn: &row}); err != nil {
+		err := reply(conn, &local.Response{OK: true, Conn: &row, Ring: ch.ring != nil})
+		if err == nil && ch.ring != nil {
+			err = ch.offerRing()
+		}
+		if err != nil {
 			ch.abort(wire.CodeReset, "the dialing process went away", true)
 			return
 		}
@@ -401,7 +409,7 @@ func (a *Agent) listen(p *partition, proc *procRef, conn *net.UnixConn, req *loc
 		return false
 	}
 	p.listener(req.Service) // drops a holder the rules in force no longer allow
-	l := &listener{part: p, service: req.Service, conn: conn, proc: proc}
+	l := &listener{part: p, service: req.Service, conn: conn, proc: proc, ring: req.Ring}
 	p.mu.Lock()
 	switch {
 	case p.services[req.Service] != nil:

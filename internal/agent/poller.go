@@ -46,22 +46,45 @@ func (p *poller) arm(ch *channel) error {
 	if p == nil {
 		return errors.New("no channel poller")
 	}
-	src, err := ch.sock.SyscallConn()
+	return p.add(ch.sock, ch.id)
+}
+
+// roomTag marks the events of a ring's room pipe (ring.go) in the
+// channel id an event carries: ids never reach it.
+const roomTag = 1 << 63
+
+// armRoom asks for ringRoom to run once the process made room in a ring
+// channel's ring down.
+func (p *poller) armRoom(ch *channel) error {
+	if p == nil {
+		return errors.New("no channel poller")
+	}
+	return p.ctl(ch.ring.downRoom, ch.id|roomTag)
+}
+
+// add arms conn's descriptor, one shot, for the event tag.
+func (p *poller) add(conn syscall.Conn, tag uint64) error {
+	src, err := conn.SyscallConn()
 	if err != nil {
 		return err
 	}
-	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT}
-	ev.Fd, ev.Pad = int32(uint32(ch.id)), int32(uint32(ch.id>>32))
 	var cerr error
-	err = src.Control(func(sfd uintptr) {
-		err := p.rc.Control(func(efd uintptr) {
-			cerr = unix.EpollCtl(int(efd), unix.EPOLL_CTL_MOD, int(sfd), &ev)
-			if errors.Is(cerr, unix.ENOENT) {
-				cerr = unix.EpollCtl(int(efd), unix.EPOLL_CTL_ADD, int(sfd), &ev)
-			}
-		})
-		if cerr == nil {
-			cerr = err
+	if err := src.Control(func(sfd uintptr) { cerr = p.ctl(int(sfd), tag) }); err != nil {
+		return err
+	}
+	return cerr
+}
+
+// ctl arms fd, one shot, for the event tag; the caller keeps fd open
+// meanwhile.
+func (p *poller) ctl(fd int, tag uint64) error {
+	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT}
+	ev.Fd, ev.Pad = int32(uint32(tag)), int32(uint32(tag>>32))
+	var cerr error
+	err := p.rc.Control(func(efd uintptr) {
+		cerr = unix.EpollCtl(int(efd), unix.EPOLL_CTL_MOD, fd, &ev)
+		if errors.Is(cerr, unix.ENOENT) {
+			cerr = unix.EpollCtl(int(efd), unix.EPOLL_CTL_ADD, fd, &ev)
 		}
 	})
 	if err != nil {
@@ -88,8 +111,14 @@ func (p *poller) run() {
 			return
 		}
 		for _, ev := range events[:n] {
-			id := uint64(uint32(ev.Fd)) | uint64(uint32(ev.Pad))<<32
-			if ch := p.a.tables.lookupID(id); ch != nil && !ch.ended.Load() {
+			tag := uint64(uint32(ev.Fd)) | uint64(uint32(ev.Pad))<<32
+			switch ch := p.a.tables.lookupID(tag &^ roomTag); {
+			case ch == nil || ch.ended.Load():
+			case tag&roomTag != 0:
+				p.a.goRun(ch.ringRoom)
+			case ch.ring != nil:
+				p.a.goRun(ch.ringOutbound)
+			default:
 				p.a.goRun(ch.outbound)
 			}
 		}

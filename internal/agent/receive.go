@@ -129,7 +129,7 @@ func (ch *channel) receive(car carrier, frame []byte, h *wire.DataHeader, sealed
 		ch.a.goRun(func() { ch.abort(wire.CodeProtocol, why, true) })
 		return
 	}
-	recs, ok := 1, true
+	recs, ok, finAck := 1, true, false
 	if ch.kind == wire.Message {
 		recs, ok = wire.CountMessages(pt, local.MaxMessage)
 	}
@@ -138,8 +138,21 @@ func (ch *channel) receive(car carrier, frame []byte, h *wire.DataHeader, sealed
 		return
 	}
 	// The memory budget: what does not fit is dropped, unacknowledged,
-	// and comes again (the sender's retransmission timer).
-	if !ch.bud.take(int64(len(pt)), ch.held > 0) {
+	// and comes again (the sender's retransmission timer). What a ring's
+	// process took since the last look is given back first: the channel
+	// is behind only by what it has not taken.
+	behind := ch.held > 0
+	if r := ch.ring; r != nil && !r.gone {
+		if r.ringHeld > 0 {
+			if _, err := r.down.Free(); err == nil {
+				ch.releaseTaken()
+			}
+		}
+		// The ring is the process's socket buffer: a process keeps up
+		// while it holds less than half of it, and nothing is queued.
+		behind = ch.held > r.ringHeld || r.ringHeld > int64(r.size/2)
+	}
+	if !ch.bud.take(int64(len(pt)), behind) {
 		c.memoryDrops.Add(1)
 		return
 	}
@@ -171,7 +184,9 @@ func (ch *channel) receive(car carrier, frame []byte, h *wire.DataHeader, sealed
 		// (off this goroutine: a link write may wait). When nothing waits
 		// before it, as when a channel closes, the same goroutine then
 		// delivers it as the inbound pump: one hand-off, not two.
-		if len(ch.inq) == 1 && ch.deliver && !ch.delivering {
+		if ch.ring != nil {
+			finAck = true // with the delivery, below
+		} else if len(ch.inq) == 1 && ch.deliver && !ch.delivering {
 			ch.delivering = true
 			ch.a.goRun(func() {
 				ch.sendAck(false)
@@ -180,7 +195,7 @@ func (ch *channel) receive(car carrier, frame []byte, h *wire.DataHeader, sealed
 		} else {
 			ch.a.goRun(func() { ch.sendAck(false) })
 		}
-	case ch.deliver && len(ch.inq) == 0 && !ch.delivering:
+	case ch.ring == nil && ch.deliver && len(ch.inq) == 0 && !ch.delivering:
 		ch.deliverNow(pt, recs) // written straight to the process: one hand-off fewer
 	default:
 		ch.held += int64(len(pt))
@@ -188,6 +203,23 @@ func (ch *channel) receive(car carrier, frame []byte, h *wire.DataHeader, sealed
 		keep = true
 	}
 	ch.ackSoon()
+	if ch.ring != nil {
+		// Straight into the ring; the fin's acknowledgement and the end
+		// it may complete share one goroutine.
+		ch.flushDown()
+		ack := finAck || ch.ackDueTaken()
+		if done := ch.takeDone(); ack || done {
+			ch.a.goRun(func() {
+				if ack {
+					ch.sendAck(false)
+				}
+				if done {
+					ch.checkDone()
+				}
+			})
+		}
+		return
+	}
 	ch.kickInbound()
 }
 
@@ -323,6 +355,20 @@ func putDataBuf(b []byte) {
 // kickInbound starts the inbound pump if something waits for it and it is
 // not running. Called under rmu.
 func (ch *channel) kickInbound() {
+	if ch.ring != nil {
+		ch.flushDown() // never waits: straight into the ring
+		if done, ack := ch.takeDone(), ch.ackDueTaken(); done || ack {
+			ch.a.goRun(func() {
+				if ack {
+					ch.sendAck(false)
+				}
+				if done {
+					ch.checkDone()
+				}
+			})
+		}
+		return
+	}
 	if len(ch.inq) > 0 && !ch.delivering && ch.deliver {
 		ch.delivering = true
 		ch.a.goRun(ch.inbound)
@@ -447,6 +493,11 @@ func (ch *channel) delivered(n uint64) bool {
 		return false
 	}
 	keepsUp := ch.held == 0 && ch.unread() < socketBuffer/2
+	if r := ch.ring; r != nil {
+		// What sits in the ring counts in held, and the ring is the
+		// process's socket buffer.
+		keepsUp = ch.held == r.ringHeld && ch.unread() < r.size/2
+	}
 	if keepsUp {
 		ch.window = uint32(min(2*int64(ch.window), ch.bud.window(minWindow, int64(ch.a.cfg.Limits.Window), true)))
 	} else {
@@ -459,6 +510,9 @@ func (ch *channel) delivered(n uint64) bool {
 // unread returns how many bytes the process has not read yet of what was
 // written to its socket (as the kernel counts them, with their overhead).
 func (ch *channel) unread() int {
+	if ch.ring != nil {
+		return ch.ring.down.Pending()
+	}
 	rc, err := ch.sock.SyscallConn()
 	if err != nil {
 		return 0

@@ -175,7 +175,7 @@ func (ch *channel) hungUp() bool {
 // processAborts ends the channel for the process's close record of n
 // bytes: an optional JSON object whose "message" the other process is
 // told, after the code aborted.
-func (ch *channel) processAborts(br *bufio.Reader, n int) {
+func (ch *channel) processAborts(br io.Reader, n int) {
 	b := make([]byte, n)
 	if _, err := io.ReadFull(br, b); err != nil {
 		ch.readEnd(err, false)

@@ -357,13 +357,21 @@ func checkInvariants(t *testing.T, e *hostileEnv, run int) {
 		eventually(t, 5*time.Second, fmt.Sprintf("run %d: %s gave back its memory budget", run, a.node.Name), func() bool {
 			return peerBudgetsFree(a)
 		})
-		q := a.quotas
-		q.mu.Lock()
-		counted := len(q.procs) + len(q.dialed) + len(q.accepted) + len(q.byNode) + q.inbound
-		left := fmt.Sprintf("procs %v, dialed %v, accepted %v, by node %v, inbound %d", q.procs, q.dialed, q.accepted, q.byNode, q.inbound)
-		q.mu.Unlock()
-		if counted != 0 {
-			t.Fatalf("run %d: %s still counts channels against its limits (%s)", run, a.node.Name, left)
+		// A channel leaves the tables before its end gives back its
+		// quotas: a moment later, they must all be back.
+		var left string
+		for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+			q := a.quotas
+			q.mu.Lock()
+			counted := len(q.procs) + len(q.dialed) + len(q.accepted) + len(q.byNode) + q.inbound
+			left = fmt.Sprintf("procs %v, dialed %v, accepted %v, by node %v, inbound %d", q.procs, q.dialed, q.accepted, q.byNode, q.inbound)
+			q.mu.Unlock()
+			if counted == 0 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("run %d: %s still counts channels against its limits (%s)", run, a.node.Name, left)
+			}
 		}
 	}
 }

@@ -49,6 +49,7 @@
 //	queued_requests = 4096           # connections waiting their turn, per partition socket
 //	queued_requests_per_uid = 1024   # of them from one uid; default 1/4 of queued_requests
 //	window = 524288                  # bytes in flight per channel direction
+//	ring = 262144                    # bytes of each ring of a ring channel (a power of two)
 //
 //	[partitions.web]
 //	socket = "/run/sinc/node-a/web.sock"
@@ -89,6 +90,7 @@ import (
 
 	"sinc.dev/sinc/internal/cert"
 	"sinc.dev/sinc/internal/policy"
+	"sinc.dev/sinc/internal/ring"
 )
 
 // MaxFileSize bounds a config file.
@@ -165,6 +167,7 @@ type Limits struct {
 	QueuedRequests        int // connections waiting to be read, per partition socket
 	QueuedRequestsPerUID  int
 	Window                int
+	Ring                  int // bytes of each of a ring channel's two rings
 	RekeyFrames           int // frames a link carries before a fresh handshake
 	RotateFrames          int // frames under one channel key before a new one
 	RotateBytes           int // bytes under one channel key before a new one
@@ -217,6 +220,7 @@ var (
 		QueuedRequests:        4096,
 		QueuedRequestsPerUID:  1024,
 		Window:                512 << 10,
+		Ring:                  ring.DefaultSize,
 		RekeyFrames:           1 << 30,
 		RotateFrames:          1 << 24,
 		RotateBytes:           1 << 34,
@@ -268,6 +272,7 @@ type file struct {
 		QueuedRequests        *int `toml:"queued_requests"`
 		QueuedRequestsPerUID  *int `toml:"queued_requests_per_uid"`
 		Window                *int `toml:"window"`
+		Ring                  *int `toml:"ring"`
 		RekeyFrames           *int `toml:"rekey_frames"`
 		RotateFrames          *int `toml:"rotate_frames"`
 		RotateBytes           *int `toml:"rotate_bytes"`
@@ -477,6 +482,7 @@ func Parse(path string, data []byte) (*Config, error) {
 		{"limits.queued_requests", f.Limits.QueuedRequests, &c.Limits.QueuedRequests, 1, 1 << 20},
 		{"limits.queued_requests_per_uid", f.Limits.QueuedRequestsPerUID, &c.Limits.QueuedRequestsPerUID, 1, 1 << 20},
 		{"limits.window", f.Limits.Window, &c.Limits.Window, MinWindow, MaxWindow},
+		{"limits.ring", f.Limits.Ring, &c.Limits.Ring, ring.MinSize, ring.MaxSize},
 		{"limits.rekey_frames", f.Limits.RekeyFrames, &c.Limits.RekeyFrames, 16, 1 << 40},
 		{"limits.rotate_frames", f.Limits.RotateFrames, &c.Limits.RotateFrames, 4, 1 << 40},
 		{"limits.rotate_bytes", f.Limits.RotateBytes, &c.Limits.RotateBytes, MinWindow, 1 << 50},
@@ -489,6 +495,9 @@ func Parse(path string, data []byte) (*Config, error) {
 			return nil, fail(l.field, fmt.Errorf("%d is outside %d..%d", *l.val, l.min, l.max))
 		}
 		*l.dst = *l.val
+	}
+	if err := ring.CheckSize(c.Limits.Ring); err != nil {
+		return nil, fail("limits.ring", err)
 	}
 	if err := shares(&c.Limits, f.Limits.Accepted, f.Limits.PendingRequestsPerUID, f.Limits.QueuedRequestsPerUID); err != nil {
 		return nil, &Error{File: path, Field: err.field, Err: err.err}

@@ -42,6 +42,7 @@ channels_per_process = 10
 listeners_per_partition = 8
 pending_requests = 4
 window = 131072
+ring = 131072
 
 [partitions.web]
 socket = "web.sock"
@@ -106,7 +107,7 @@ func TestParseGood(t *testing.T) {
 	wantLimits := config.Limits{PendingHandshakes: 16, PendingHandshakesPerSource: 8, Channels: 100, Accepted: 75, ChannelsPerPartition: 50,
 		AcceptedPerPartition: 8192, AcceptedPerNode: 4096, ChannelsPerProcess: 10,
 		ListenersPerPartition: 8, PendingRequests: 4, PendingRequestsPerUID: 1, QueuedRequests: 4096, QueuedRequestsPerUID: 1024,
-		Window: 128 << 10, RekeyFrames: 1 << 30, RotateFrames: 1 << 24, RotateBytes: 1 << 34, Memory: 256 << 20}
+		Window: 128 << 10, Ring: 128 << 10, RekeyFrames: 1 << 30, RotateFrames: 1 << 24, RotateBytes: 1 << 34, Memory: 256 << 20}
 	if c.Limits != wantLimits {
 		t.Errorf("Limits = %+v, want %+v", c.Limits, wantLimits)
 	}
@@ -186,7 +187,7 @@ func TestParseDefaults(t *testing.T) {
 	wantLimits := config.Limits{PendingHandshakes: 256, PendingHandshakesPerSource: 8, Channels: 16384, Accepted: 12288, ChannelsPerPartition: 8192,
 		AcceptedPerPartition: 8192, AcceptedPerNode: 4096, ChannelsPerProcess: 1024,
 		ListenersPerPartition: 256, PendingRequests: 64, PendingRequestsPerUID: 16, QueuedRequests: 4096, QueuedRequestsPerUID: 1024,
-		Window: 524288, RekeyFrames: 1 << 30, RotateFrames: 1 << 24, RotateBytes: 1 << 34, Memory: 256 << 20}
+		Window: 524288, Ring: 256 << 10, RekeyFrames: 1 << 30, RotateFrames: 1 << 24, RotateBytes: 1 << 34, Memory: 256 << 20}
 	if config.DefaultTimers != want || config.DefaultLimits != wantLimits {
 		t.Errorf("defaults changed: %+v %+v", config.DefaultTimers, config.DefaultLimits)
 	}
@@ -340,7 +341,7 @@ func TestLimits(t *testing.T) {
 	want := config.Limits{PendingHandshakes: 1, PendingHandshakesPerSource: 8, Channels: 2, Accepted: 1, ChannelsPerPartition: 3,
 		AcceptedPerPartition: 8192, AcceptedPerNode: 4096, ChannelsPerProcess: 4,
 		ListenersPerPartition: 5, PendingRequests: 6, PendingRequestsPerUID: 1, QueuedRequests: 4096, QueuedRequestsPerUID: 1024,
-		Window: 65600, RekeyFrames: 1 << 30, RotateFrames: 1 << 24, RotateBytes: 1 << 34, Memory: 8 << 20}
+		Window: 65600, Ring: 256 << 10, RekeyFrames: 1 << 30, RotateFrames: 1 << 24, RotateBytes: 1 << 34, Memory: 8 << 20}
 	if err != nil || c.Limits != want {
 		t.Fatalf("got %+v, %v; want %+v", c, err, want)
 	}
@@ -595,6 +596,8 @@ func TestParseBad(t *testing.T) {
 		{"pending_handshakes too large", with("[limits]\npending_handshakes = 65537\n"), "limits.pending_handshakes", "65537 is outside 1..65536"},
 		// Bounds of every limit: TestLimits.
 		{"window not an integer", withLimits(`window = "big"`), "limits.window", "line 10: incompatible types: TOML value has type string; destination has type integer"},
+		{"ring not a power of two", withLimits(`ring = 200000`), "limits.ring", "ring size 200000: want a power of two from 131072 to 4194304"},
+		{"ring too small", withLimits(`ring = 65536`), "limits.ring", "65536 is outside 131072..4194304"},
 		{"window a float", withLimits(`window = 65536.0`), "limits.window", "line 10: incompatible types: TOML value has type float64; destination has type integer"},
 		{"window an array", withLimits(`window = [65536]`), "limits.window", "line 10: incompatible types"},
 		// TOML integers are int64: a larger one is a syntax error, as the parser finds it.

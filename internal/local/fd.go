@@ -2,9 +2,11 @@ package local
 
 import (
 	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 
@@ -100,4 +102,53 @@ func parseRights(oob []byte) ([]int, error) {
 		fds = append(fds, fs...)
 	}
 	return fds, nil
+}
+
+// ReadRing reads a channel's ring record (RecRing) and the descriptors
+// that ride with it, and nothing after it. On success the caller owns the
+// RingFDs descriptors; on failure every descriptor received is closed.
+func ReadRing(c *net.UnixConn) (*RingOffer, []int, error) {
+	var hdr [RecordHeaderLen]byte
+	oob := make([]byte, unix.CmsgSpace(4*(RingFDs+1)))
+	var fds []int
+	fail := func(err error) (*RingOffer, []int, error) {
+		for _, fd := range fds {
+			unix.Close(fd)
+		}
+		return nil, nil, err
+	}
+	n, oobn, flags, _, err := c.ReadMsgUnix(hdr[:], oob)
+	if oobn > 0 {
+		fds, _ = parseRights(oob[:oobn])
+	}
+	switch {
+	case err != nil:
+		return fail(err)
+	case flags&unix.MSG_CTRUNC != 0:
+		return fail(errors.New("the ring's descriptors were cut short (MSG_CTRUNC)"))
+	case n == 0:
+		return fail(errors.New("the agent closed the channel before its ring record"))
+	}
+	if n < len(hdr) {
+		if _, err := io.ReadFull(c, hdr[n:]); err != nil {
+			return fail(err)
+		}
+	}
+	v := binary.BigEndian.Uint32(hdr[:])
+	typ, size := byte(v>>24), int(v&0xffffff)
+	if typ != RecRing || size > MaxRequest {
+		return fail(fmt.Errorf("the agent's first record is of type %d and %d bytes, not a ring record", typ, size))
+	}
+	if len(fds) != RingFDs {
+		return fail(fmt.Errorf("the ring record came with %d descriptors, not %d", len(fds), RingFDs))
+	}
+	b := make([]byte, size)
+	if _, err := io.ReadFull(c, b); err != nil {
+		return fail(err)
+	}
+	var o RingOffer
+	if err := json.Unmarshal(b, &o); err != nil {
+		return fail(fmt.Errorf("bad ring record: %w", err))
+	}
+	return &o, fds, nil
 }

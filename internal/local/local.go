@@ -17,7 +17,11 @@ import (
 
 // Protocol constants.
 const (
-	Version = 2
+	// Version is the protocol version the Go client speaks; MinVersion
+	// the oldest an agent still takes. Version 3 adds rings (§8); a
+	// version 2 request is answered as before.
+	Version    = 3
+	MinVersion = 2
 
 	// MaxRequest bounds a request line, newline included.
 	MaxRequest = 4096
@@ -52,6 +56,11 @@ type Request struct {
 	To      string `json:"to,omitempty"`      // open: node/partition/service
 	Kind    string `json:"kind,omitempty"`    // open: stream (default) or message
 	Service string `json:"service,omitempty"` // listen
+	// Ring asks (version 3) for the channel's data to go through shared
+	// memory: open asks for its channel, listen for every channel it
+	// accepts. The agent may still give the socket path (the answer or
+	// the notice says).
+	Ring bool `json:"ring,omitempty"`
 }
 
 // Response is the agent's one-line answer.
@@ -61,6 +70,7 @@ type Response struct {
 	Conn  *Conn  `json:"conn,omitempty"` // open
 	Conns []Conn `json:"conns,omitzero"` // conns: present, [] when empty
 	Addr  string `json:"addr,omitempty"` // listen: node/partition/service listened on
+	Ring  bool   `json:"ring,omitempty"` // open: the channel's data goes through a ring (§8)
 }
 
 // Error is a typed failure: Code is one of the codes in docs/protocol.md;
@@ -83,6 +93,7 @@ func (e *Error) Error() string {
 type Notice struct {
 	Event string `json:"event"` // "accept"
 	Conn  *Conn  `json:"conn"`
+	Ring  bool   `json:"ring,omitempty"` // the channel's data goes through a ring (§8)
 }
 
 // Proc is a process's kernel identity.
@@ -127,8 +138,11 @@ func ParseRequest(line []byte) (*Request, error) {
 	if dec.More() {
 		return nil, errors.New("malformed request: more than one JSON value")
 	}
-	if req.V != Version {
-		return nil, fmt.Errorf("protocol version %d; this agent speaks %d", req.V, Version)
+	if req.V < MinVersion || req.V > Version {
+		return nil, fmt.Errorf("protocol version %d; this agent speaks %d to %d", req.V, MinVersion, Version)
+	}
+	if req.Ring && (req.V < 3 || req.Op == OpConns) {
+		return nil, fmt.Errorf("ring is a field of open and listen in version 3")
 	}
 	return &req, nil
 }
@@ -161,6 +175,33 @@ const (
 	RecData  byte = 0 // payload: channel bytes (stream) or one message
 	RecFin   byte = 1 // no payload: the sender's direction has ended
 	RecClose byte = 2 // payload: JSON Error; the channel is closed at once
+	// RecRing is the agent's first record on a channel that goes through a
+	// ring (version 3, §8): its payload is a RingOffer, and the ring's
+	// descriptors ride with its first byte.
+	RecRing byte = 3
+	// RecWake, on the socket of a ring channel, either way, no payload:
+	// look at the rings again (the sender published, or made room, while
+	// the other side slept or waited).
+	RecWake byte = 4
+)
+
+// RingOffer describes a channel's rings: the header memfd holds the
+// channel's control words at Slot (ring.HeaderSize bytes); the data memfd
+// holds the ring up (process to agent) at 0 and the ring down at Size,
+// Size bytes each.
+type RingOffer struct {
+	Size int    `json:"size"`
+	Slot int    `json:"slot"`
+	Gen  uint16 `json:"gen"` // the slot's generation (package ring)
+}
+
+// The descriptors that ride with a RecRing record, in this order.
+const (
+	RingFDHeader   = iota // memfd: the header slots
+	RingFDData            // memfd: the two rings' data
+	RingFDUpRoom          // pipe, read end: the agent made room up
+	RingFDDownRoom        // pipe, write end: the process made room down
+	RingFDs
 )
 
 // PutRecordHeader writes a record header into b[:4].
@@ -186,6 +227,10 @@ func ParseRecordHeader(b []byte) (typ byte, n int, err error) {
 	case RecFin:
 		if n != 0 {
 			return 0, 0, fmt.Errorf("%w: fin record with %d bytes", ErrRecordLen, n)
+		}
+	case RecWake:
+		if n != 0 {
+			return 0, 0, fmt.Errorf("%w: wake-up record with %d bytes", ErrRecordLen, n)
 		}
 	case RecClose:
 		if n > MaxRequest {

@@ -65,19 +65,23 @@ func FuzzParseRequest(f *testing.F) {
 	f.Add([]byte(`{"v":1,"key":"x"}`))
 	f.Fuzz(func(t *testing.T, line []byte) {
 		r, err := ParseRequest(line)
-		if err == nil && r.V != Version {
+		if err == nil && (r.V < MinVersion || r.V > Version) {
 			t.Fatalf("accepted version %d", r.V)
 		}
 	})
 }
 
 func TestParseRequest(t *testing.T) {
-	for _, bad := range []string{`{"v":2,"op":"conns"}{"v":2}`, `{"v":1,"op":"conns"}`, `{"v":3,"op":"conns"}`, `{"v":2,"key":"x"}`, `[1]`, ``} {
+	for _, bad := range []string{`{"v":2,"op":"conns"}{"v":2}`, `{"v":1,"op":"conns"}`, `{"v":4,"op":"conns"}`, `{"v":2,"key":"x"}`,
+		`{"v":2,"op":"open","to":"a/b/c","ring":true}`, `{"v":3,"op":"conns","ring":true}`, `[1]`, ``} {
 		if _, err := ParseRequest([]byte(bad)); err == nil {
 			t.Errorf("ParseRequest(%q) succeeded", bad)
 		}
 	}
 	if r, err := ParseRequest([]byte(`{"v":2,"op":"open","to":"a/b/c"}` + "\n")); err != nil || r.To != "a/b/c" {
+		t.Fatalf("%+v %v", r, err)
+	}
+	if r, err := ParseRequest([]byte(`{"v":3,"op":"listen","service":"s","ring":true}` + "\n")); err != nil || !r.Ring {
 		t.Fatalf("%+v %v", r, err)
 	}
 }

@@ -43,9 +43,9 @@ class TestBadRequests(AgentTest):
         self.assertNotIn("by", ans["error"], "bad_request names no agent")
 
     def test_version(self):
-        self.assertBad(b'{"v":1,"op":"conns"}\n', "protocol version 1; this agent speaks 2")
-        self.assertBad(b'{"v":3,"op":"conns"}\n', "protocol version 3; this agent speaks 2")
-        self.assertBad(b'{"op":"conns"}\n', "protocol version 0; this agent speaks 2")
+        self.assertBad(b'{"v":1,"op":"conns"}\n', "protocol version 1; this agent speaks 2 to 3")
+        self.assertBad(b'{"v":4,"op":"conns"}\n', "protocol version 4; this agent speaks 2 to 3")
+        self.assertBad(b'{"op":"conns"}\n', "protocol version 0; this agent speaks 2 to 3")
         self.assertEqual(self.answer("node-a/web", b'{"v":2,"op":"conns"}\n')["ok"], True)
 
     def test_malformed(self):
