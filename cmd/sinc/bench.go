@@ -20,7 +20,7 @@ func runBench(args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("bench", stderr)
 	quick := fs.Bool("quick", false, "small sizes and fewer repetitions (about a minute), for development")
 	reps := fs.Int("reps", 0, "repetitions (default 5; 3 with --quick)")
-	only := fs.String("transports", "", "comma-separated subset of tcp,tls,sinc-stream,sinc-message,stunnel (default all; stunnel only where it is installed)")
+	only := fs.String("transports", "", "comma-separated subset of "+strings.Join(bench.Transports, ",")+" (default all; stunnel only where it is installed)")
 	jsonOut := fs.Bool("json", false, "print the report as JSON instead of tables")
 	quiet := fs.Bool("quiet", false, "no progress lines on stderr")
 	profDir := fs.String("cpuprofile", "", "write a CPU profile of each worker and agent process into this folder")

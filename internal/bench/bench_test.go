@@ -14,6 +14,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"sinc.dev/sinc"
 )
 
 // bin is the sinc binary: the agents and the worker processes.
@@ -62,6 +64,11 @@ func TestQuickHarness(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Run: %v\nprogress:\n%s", err, progress.String())
 	}
+	// sinc-ring is in the default run, beside sinc-stream, and measured
+	// in every row sinc-stream is (below).
+	if i := slices.Index(r.Transports, SincRing); i < 0 || i == 0 || r.Transports[i-1] != SincStream {
+		t.Errorf("transports %v: no sinc-ring beside sinc-stream", r.Transports)
+	}
 	wantKeys := []string{mBulk, mCPU, mRTT50, mRTT99, rateKey(64, true), rateKey(1024, true),
 		rateKey(64, false), rateKey(1024, false), mOpens, mSetup50,
 		memKey("agent", 20), memKey("agent", 200), memKey("endpoint", 20), memKey("endpoint", 200)}
@@ -99,7 +106,13 @@ func TestQuickHarness(t *testing.T) {
 				t.Errorf("%s %s: not positive: %+v", key, tr, s)
 			}
 		}
-		for _, s := range []string{SincStream, SincMessage} {
+		// sinc-ring has a value wherever sinc-stream has one.
+		if _, ok := m.Summary[SincStream]; ok {
+			if s := m.Summary[SincRing]; s.N == 0 {
+				t.Errorf("%s: sinc-stream measured, sinc-ring not", key)
+			}
+		}
+		for _, s := range []string{SincStream, SincRing, SincMessage} {
 			for _, base := range []string{TLS, TCP} {
 				v, ok := m.Ratios[s+"/"+base]
 				if ok == m.SincOnly {
@@ -112,7 +125,7 @@ func TestQuickHarness(t *testing.T) {
 		}
 	}
 	// Two agents hold 200 channels: they grew.
-	for _, tr := range []string{SincStream, SincMessage} {
+	for _, tr := range []string{SincStream, SincRing, SincMessage} {
 		if s := r.Metric(memKey("agent", 200)).Summary[tr]; s.Median <= 0 {
 			t.Errorf("agent memory per channel of %s: %+v", tr, s)
 		}
@@ -139,6 +152,18 @@ func TestQuickHarness(t *testing.T) {
 			}
 		}
 	}
+	for _, tr := range sincTransports {
+		found := false
+		for _, g := range r.Targets() {
+			found = found || g.Transport == tr
+		}
+		if !found {
+			t.Errorf("no issue 6 target for %s", tr)
+		}
+	}
+	if slices.ContainsFunc(r.Notes, func(n string) bool { return strings.Contains(n, "asked for a ring") }) {
+		t.Errorf("notes: %q", r.Notes)
+	}
 	if !strings.Contains(r.TLSInfo, "TLS 1.3") {
 		t.Errorf("TLS info %q", r.TLSInfo)
 	}
@@ -151,7 +176,7 @@ func TestQuickHarness(t *testing.T) {
 			t.Errorf("table lacks %q", m.Name)
 		}
 	}
-	for _, s := range append(slices.Clone(r.Transports), "stream/TLS", "stream/TCP", "message/TLS", "message/TCP", "higher is better") {
+	for _, s := range append(slices.Clone(r.Transports), "stream/TLS", "stream/TCP", "ring/TLS", "ring/TCP", "message/TLS", "message/TCP", "higher is better") {
 		if !strings.Contains(out, s) {
 			t.Errorf("table lacks %q", s)
 		}
@@ -199,6 +224,25 @@ func TestEnvCleansUp(t *testing.T) {
 	}
 	if _, err := e.Bulk(ctx, TCP, 1<<20); err == nil {
 		t.Error("a closed Env ran a transfer")
+	}
+}
+
+// A StartEnv that fails part way stops what it started and removes its
+// folder (it used to call Close on the nil it was about to return).
+func TestStartEnvFailureCleansUp(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	parent := t.TempDir()
+	e, err := StartEnv(ctx, EnvConfig{Bin: "/bin/false", Dir: parent, Transports: []string{TCP}})
+	if err == nil {
+		e.Close()
+		t.Fatal("StartEnv with workers that exit at once succeeded")
+	}
+	if e != nil {
+		t.Errorf("StartEnv returned %v with its error %v", e, err)
+	}
+	if ents, _ := os.ReadDir(parent); len(ents) != 0 {
+		t.Errorf("left in the folder: %v", ents)
 	}
 }
 
@@ -388,5 +432,57 @@ func TestIdleBeyondDefaultLimits(t *testing.T) {
 	}
 	if len(res.AgentBytes) != 1 || res.AgentBytes[0] <= 0 {
 		t.Errorf("agent memory at %d channels: %v", n, res.AgentBytes)
+	}
+}
+
+// Each sinc transport takes the path it names, at both ends: sinc-stream
+// and sinc-message keep their data on the channel socket, sinc-ring maps
+// its rings (one data memfd per channel, in the client and in the
+// server). SINC_NO_RING=1 where `sinc bench` runs changes nothing: the
+// workers do not inherit it.
+func TestTransportPaths(t *testing.T) {
+	t.Setenv(sinc.NoRingEnv, "1")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	trs := []string{SincStream, SincRing, SincMessage}
+	e, err := StartEnv(ctx, EnvConfig{Bin: bin, Transports: trs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	const n = 3
+	for _, tr := range trs {
+		if _, err := e.call(ctx, tr, Command{Op: "idle", N: n, Conc: 1}); err != nil {
+			t.Fatal(err)
+		}
+		if err := e.waitServer(ctx, tr, n); err != nil {
+			t.Fatal(err)
+		}
+		want := 0
+		if tr == SincRing {
+			want = n
+		}
+		for role, pid := range map[string]int{"client": e.clients[tr].pid(), "server": e.servers[tr].pid()} {
+			got, err := ringMaps(pid)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got != want {
+				t.Errorf("%s %s: %d rings mapped with %d channels open, want %d", tr, role, got, n, want)
+			}
+		}
+		if _, err := e.call(ctx, tr, Command{Op: "release"}); err != nil {
+			t.Fatal(err)
+		}
+		// The ring path carries data both ways (a round trip) and in bulk.
+		if _, err := e.PingPong(ctx, tr, 50, 64, 0); err != nil {
+			t.Errorf("%s: round trips: %v", tr, err)
+		}
+		if _, err := e.Bulk(ctx, tr, 1<<20); err != nil {
+			t.Errorf("%s: bulk: %v", tr, err)
+		}
+	}
+	if k := e.ringFallbacks(); k != 0 {
+		t.Errorf("the agents logged %d channels without the ring they asked for", k)
 	}
 }

@@ -27,7 +27,9 @@ type EnvConfig struct {
 // Env is a running benchmark set-up on loopback: for each transport a
 // server worker process and a client worker process, and for the sinc
 // transports two agent processes (node-a with partition app, where the
-// clients are; node-b with partition svc, where the servers are).
+// clients are; node-b with partition svc, where the servers are). Each
+// sinc transport's path (ring or socket) is checked as it starts
+// (ringcheck.go).
 type Env struct {
 	cfg     EnvConfig
 	Dir     string
@@ -61,7 +63,7 @@ func benchNodes() []cluster.NodeSpec {
 }
 
 // StartEnv starts everything cfg asks for and waits until it is ready.
-func StartEnv(ctx context.Context, cfg EnvConfig) (e *Env, err error) {
+func StartEnv(ctx context.Context, cfg EnvConfig) (_ *Env, err error) {
 	if cfg.Bin == "" {
 		return nil, errors.New("bench: no sinc binary")
 	}
@@ -77,11 +79,12 @@ func StartEnv(ctx context.Context, cfg EnvConfig) (e *Env, err error) {
 	if err != nil {
 		return nil, err
 	}
-	e = &Env{cfg: cfg, Dir: dir, servers: map[string]*worker{}, clients: map[string]*worker{}}
+	e := &Env{cfg: cfg, Dir: dir, servers: map[string]*worker{}, clients: map[string]*worker{}}
+	// On failure, stop what started (a return of nil, err must not make
+	// this e nil: it is not the named result).
 	defer func() {
 		if err != nil {
 			e.Close()
-			e = nil
 		}
 	}()
 	if slices.ContainsFunc(cfg.Transports, isSinc) {
@@ -129,6 +132,11 @@ func StartEnv(ctx context.Context, cfg EnvConfig) (e *Env, err error) {
 			return nil, err
 		}
 		e.clients[tr] = cl
+		if isSinc(tr) {
+			if err := e.checkPath(ctx, tr); err != nil {
+				return nil, err
+			}
+		}
 		if tr == TLS {
 			rep, err := cl.call(ctx, Command{Op: "info", Timeout: 10 * time.Second})
 			if err != nil {
@@ -417,6 +425,11 @@ func (e *Env) Idle(ctx context.Context, tr string, counts []int, conc int, settl
 		}
 		if err := e.waitServer(ctx, tr, n); err != nil {
 			return res, err
+		}
+		if isSinc(tr) {
+			if err := e.checkRings(tr, n); err != nil {
+				return res, err
+			}
 		}
 		time.Sleep(settle) // let the agents finish what the opens started
 		now, err := measure()

@@ -11,11 +11,14 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"time"
+
+	"sinc.dev/sinc"
 )
 
 // worker is a running `sinc bench-worker` process.
@@ -41,6 +44,7 @@ func startWorker(ctx context.Context, bin, name, logPath string, args ...string)
 	defer logf.Close()
 	cmd := exec.Command(bin, append([]string{"bench-worker"}, args...)...)
 	cmd.Stderr = logf
+	cmd.Env = workerEnv()
 	// Should the orchestrator die, its workers die with it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	in, err := cmd.StdinPipe()
@@ -79,6 +83,14 @@ func startWorker(ctx context.Context, bin, name, logPath string, args ...string)
 		return nil, Reply{}, fmt.Errorf("worker %s: %w", name, err)
 	}
 	return w, rep, nil
+}
+
+// workerEnv is the workers' environment: the orchestrator's without
+// SINC_NO_RING, as each transport says itself which path its channels
+// take (transport.go); the variable would turn sinc-ring into a second
+// sinc-stream.
+func workerEnv() []string {
+	return slices.DeleteFunc(os.Environ(), func(kv string) bool { return strings.HasPrefix(kv, sinc.NoRingEnv+"=") })
 }
 
 func (w *worker) pid() int { return w.cmd.Process.Pid }

@@ -61,7 +61,7 @@ type Metric struct {
 	// Samples and Summary by transport.
 	Samples map[string][]float64 `json:"samples"`
 	Summary map[string]Summary   `json:"summary"`
-	// Ratios of medians: "sinc-stream/tls" and so on.
+	// Ratios of medians: "sinc-stream/tls", "sinc-ring/tls" and so on.
 	Ratios map[string]float64 `json:"ratios"`
 }
 
@@ -160,7 +160,7 @@ func (r *Report) finish() {
 		for tr, v := range m.Samples {
 			m.Summary[tr] = summarize(v)
 		}
-		for _, s := range []string{SincStream, SincMessage} {
+		for _, s := range sincTransports {
 			for _, base := range ratioBases {
 				a, okA := m.Summary[s]
 				b, okB := m.Summary[base]
@@ -188,6 +188,7 @@ var batchedMeaning = map[string]string{
 	TCP:         "4-byte length prefix + message, packed in a 64 KiB bufio.Writer: one write(2) per 64 KiB",
 	TLS:         "as tcp, through tls.Conn: 64 KiB per Write, which TLS cuts into 16 KiB records",
 	SincStream:  "as tcp, inside the stream: 64 KiB per Conn.Write = one 64 KiB record, one writev(2)",
+	SincRing:    "as tcp, inside the stream: 64 KiB per Conn.Write = one 64 KiB record into the ring up, the agent woken only if it sleeps",
 	SincMessage: "one record per message (the protocol's own framing), records packed 64 KiB per write(2) on the channel socket (the Go client has no batching write)",
 }
 
@@ -196,6 +197,7 @@ var oneWriteMeaning = map[string]string{
 	TCP:         "Write(prefix+message) per message: one write(2) each",
 	TLS:         "Write(prefix+message) per message: one TLS record, one write(2) each",
 	SincStream:  "Write(prefix+message) per message: one record, one writev(2) each",
+	SincRing:    "Write(prefix+message) per message: one record into the ring up each, no system call unless the agent sleeps",
 	SincMessage: "WriteMessage per message: one record, one writev(2) each",
 }
 
@@ -231,7 +233,7 @@ func (r *Report) Format(w io.Writer) {
 	head := []string{"metric", "unit", ""}
 	head = append(head, r.Transports...)
 	var ratioCols []string
-	for _, s := range []string{SincStream, SincMessage} {
+	for _, s := range sincTransports {
 		if !slices.Contains(r.Transports, s) {
 			continue
 		}
@@ -242,7 +244,7 @@ func (r *Report) Format(w io.Writer) {
 		}
 	}
 	for _, c := range ratioCols {
-		head = append(head, strings.NewReplacer("sinc-stream", "stream", "sinc-message", "message", "tls", "TLS", "tcp", "TCP").Replace(c))
+		head = append(head, strings.NewReplacer("sinc-stream", "stream", "sinc-ring", "ring", "sinc-message", "message", "tls", "TLS", "tcp", "TCP").Replace(c))
 	}
 	fmt.Fprintln(tw, strings.Join(head, "\t"))
 	for _, m := range r.Metrics {
@@ -311,15 +313,16 @@ func (r *Report) Format(w io.Writer) {
 	for _, tr := range r.Transports {
 		fmt.Fprintf(w, "  %-12s %s\n", tr, r.OneWrite[tr])
 	}
-	fmt.Fprintf(w, "receivers: tcp, tls, sinc-stream parse the prefixes from a 64 KiB bufio.Reader; sinc-message reads one message per Read.\n")
+	fmt.Fprintf(w, "receivers: tcp, tls, sinc-stream, sinc-ring parse the prefixes from a 64 KiB bufio.Reader; sinc-message reads one message per Read.\n")
 	if r.TLSInfo != "" {
 		fmt.Fprintf(w, "tls: %s\n", r.TLSInfo)
 	}
-	fmt.Fprintf(w, "sinc: two `sinc agent` processes (node-a ↔ node-b, one Noise link), default window, timers and checks; limits raised for 10,000 channels per process.\n")
+	fmt.Fprintf(w, "sinc: two `sinc agent` processes (node-a ↔ node-b, one Noise link), default window, ring size, timers and checks; limits raised for 10,000 channels per process.\n")
+	fmt.Fprintf(w, "sinc paths: sinc-stream and sinc-message move the data between each process and its agent over the channel's Unix socket (NoRing); sinc-ring through the two rings it shares with its agent, at both ends (checked in /proc/PID/maps).\n")
 	if slices.Contains(r.Transports, Stunnel) {
 		fmt.Fprintf(w, "stunnel: client → stunnel (client side) → TLS 1.3 → stunnel (server side) → server, the tcp workers; agent-a and agent-b in the CPU split are stunnel's client and server sides.\n")
 	}
-	fmt.Fprintf(w, "setup: tcp = connect+close; tls = connect+full handshake+close; sinc = channel open through both agents (policy checked by each)+close.\n")
+	fmt.Fprintf(w, "setup: tcp = connect+close; tls = connect+full handshake+close; sinc = channel open through both agents (policy checked by each)+close (sinc-ring: with its rings made and handed over at both ends).\n")
 	fmt.Fprintf(w, "memory: growth of VmRSS from before the opens, fresh processes for each measurement; CPU: run time of every thread (/proc/PID/task/*/schedstat; stunnel's, whose threads end with their connections: /proc/PID/stat, in 10 ms ticks).\n")
 	for _, n := range r.Notes {
 		fmt.Fprintf(w, "note: %s\n", n)
@@ -362,7 +365,7 @@ func (r *Report) Targets() []Target {
 		if m == nil {
 			return
 		}
-		for _, tr := range []string{SincStream, SincMessage} {
+		for _, tr := range sincTransports {
 			v, ok := m.Ratios[tr+"/"+TLS]
 			if !ok {
 				continue
@@ -379,7 +382,7 @@ func (r *Report) Targets() []Target {
 		if m == nil {
 			return
 		}
-		for _, tr := range []string{SincStream, SincMessage} {
+		for _, tr := range sincTransports {
 			s, ok := m.Summary[tr]
 			if !ok {
 				continue

@@ -1,10 +1,11 @@
 // Package bench is sinc's side-by-side benchmark (`sinc bench`, and the
 // same code under `go test -bench`): raw TCP, Go crypto/tls 1.3 directly
-// between two processes, a sinc stream channel and a sinc message channel,
-// each as separate OS processes on loopback (a server worker and a client
-// worker, and for sinc two real `sinc agent` processes between them),
-// measured in one run, interleaved: every repetition runs every transport
-// in turn.
+// between two processes, a sinc stream channel and a sinc message channel
+// on the socket path, a sinc stream channel through the rings each process
+// shares with its agent (sinc-ring), and stunnel, each as separate OS
+// processes on loopback (a server worker and a client worker, and for sinc
+// two real `sinc agent` processes between them), measured in one run,
+// interleaved: every repetition runs every transport in turn.
 package bench
 
 import (
@@ -237,6 +238,11 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 					return nil, err
 				}
 			}
+		}
+	}
+	if slices.ContainsFunc(opts.Transports, usesRing) {
+		if n := env.ringFallbacks(); n > 0 {
+			r.Notes = append(r.Notes, fmt.Sprintf("the agents gave %d channels that asked for a ring the socket path (their logs say why): the sinc-ring rows mix both paths", n))
 		}
 	}
 	if err := env.Close(); err != nil {

@@ -18,24 +18,39 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"time"
 
 	"sinc.dev/sinc"
 	"sinc.dev/sinc/internal/local"
 )
 
-// The transports, in the order of the report.
+// The transports, in the order of the report. sinc-stream and
+// sinc-message keep a channel's data on its socket to the agent (Dialer
+// and ListenConfig NoRing); sinc-ring is a stream channel whose data goes
+// through the rings it shares with the agent on each side (ring.go of
+// package sinc), the client library's default.
 const (
 	TCP         = "tcp"
 	TLS         = "tls"
 	SincStream  = "sinc-stream"
+	SincRing    = "sinc-ring"
 	SincMessage = "sinc-message"
 )
 
 // Transports lists every transport (Stunnel: stunnel.go).
-var Transports = []string{TCP, TLS, SincStream, SincMessage, Stunnel}
+var Transports = []string{TCP, TLS, SincStream, SincRing, SincMessage, Stunnel}
 
-func isSinc(tr string) bool { return tr == SincStream || tr == SincMessage }
+// sincTransports are the sinc transports, in the order of the report's
+// ratio columns and targets.
+var sincTransports = []string{SincStream, SincRing, SincMessage}
+
+func isSinc(tr string) bool { return slices.Contains(sincTransports, tr) }
+
+// usesRing: the transport's channels carry their data through rings, at
+// the dialing and at the accepting end; every other sinc transport is on
+// the socket path at both.
+func usesRing(tr string) bool { return tr == SincRing }
 
 // isMessage: the transport keeps message boundaries (one Write, one Read).
 func isMessage(tr string) bool { return tr == SincMessage }
@@ -57,7 +72,7 @@ const (
 )
 
 func serviceOf(tr string) string {
-	return "bench-" + map[string]string{SincStream: "stream", SincMessage: "message"}[tr]
+	return "bench-" + map[string]string{SincStream: "stream", SincRing: "ring", SincMessage: "message"}[tr]
 }
 
 // makeTLSCert writes a fresh self-signed ECDSA P-256 certificate for
@@ -142,11 +157,11 @@ func (e *endpoint) dial(ctx context.Context) (net.Conn, error) {
 	case TLS:
 		d := tls.Dialer{Config: e.tlsConf}
 		return d.DialContext(ctx, "tcp", e.addr)
-	case SincStream:
-		d := sinc.Dialer{Socket: e.socket, Kind: sinc.Stream}
+	case SincStream, SincRing:
+		d := sinc.Dialer{Socket: e.socket, Kind: sinc.Stream, NoRing: !usesRing(e.transport)}
 		return d.DialContext(ctx, e.addr)
 	case SincMessage:
-		d := sinc.Dialer{Socket: e.socket, Kind: sinc.Message}
+		d := sinc.Dialer{Socket: e.socket, Kind: sinc.Message, NoRing: true}
 		return d.DialContext(ctx, e.addr)
 	}
 	return nil, fmt.Errorf("unknown transport %q", e.transport)
@@ -155,7 +170,8 @@ func (e *endpoint) dial(ctx context.Context) (net.Conn, error) {
 // rawOpen opens a message channel speaking the local protocol directly
 // (docs/protocol.md), so that a sender can put many records in one
 // write(2): the Go client's WriteMessage writes each message on its own.
-// The returned connection carries records.
+// It asks for no ring: sinc-message's data stays on the socket path, as
+// in its other rows. The returned connection carries records.
 func rawOpen(ctx context.Context, socket, addr string) (*net.UnixConn, error) {
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "unix", socket)

@@ -92,7 +92,7 @@ func WorkerMain(args []string, stdin io.Reader, stdout, stderr io.Writer) error 
 	role := args[0]
 	fs := flag.NewFlagSet("sinc bench-worker "+role, flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	tr := fs.String("transport", "", "tcp, tls, sinc-stream or sinc-message")
+	tr := fs.String("transport", "", "tcp, tls, sinc-stream, sinc-ring or sinc-message")
 	addr := fs.String("addr", "", "client: the server's address (host:port, or node/partition/service)")
 	socket := fs.String("socket", "", "sinc: the partition socket")
 	certPath := fs.String("cert", "", "tls: the certificate (server: with --key; client: trusted)")
@@ -192,7 +192,7 @@ func serverMain(tr, socket, certPath, keyPath string, stdin io.Reader, out *repl
 			}
 		}
 	default:
-		lc := sinc.ListenConfig{Socket: socket}
+		lc := sinc.ListenConfig{Socket: socket, NoRing: !usesRing(tr)}
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		ln, err = lc.Listen(ctx, serviceOf(tr))
 		cancel()
