@@ -61,6 +61,7 @@ type chanRing struct {
 
 	up        *ring.Consumer // outbound pump, under ringMu
 	upTouched bool           // under ringMu: we read the ring up since dropUp
+	stalled   *time.Timer    // outbound pump: drops the ring up's pages while waiting long for credit
 	upRoom    int            // pipe: we made room up (written under ringMu)
 	downRoom  int            // pipe: the process made room down (read under rmu)
 
@@ -507,10 +508,21 @@ func (ch *channel) ringPack(n int) ([]byte, int, error) {
 	if ch.kind == wire.Message {
 		prefix = wire.MessageLenSize
 	}
-	if ch.creditLeft() < uint64(prefix+n) {
-		ch.dropUp() // waiting for the peer: the ring's pages need not count as ours
+	short := ch.creditLeft() < uint64(prefix+n)
+	if short {
+		// Waiting for the peer: if it takes a while, the ring's pages
+		// need not count as ours meanwhile.
+		if r.stalled == nil {
+			r.stalled = time.AfterFunc(stallDrop, ch.dropUp)
+		} else {
+			r.stalled.Reset(stallDrop)
+		}
 	}
-	if !ch.waitCredit(prefix + n) {
+	ok := ch.waitCredit(prefix + n)
+	if short {
+		r.stalled.Stop()
+	}
+	if !ok {
 		return nil, 0, errEnded
 	}
 	size := wire.MaxPayload
@@ -711,10 +723,16 @@ func (ch *channel) releaseBatches() bool {
 
 // askTaken asks the process to wake us when it takes from the ring down
 // (its next consumption, through the room pipe), so that the budget and
-// the credit it frees are not left waiting; what it took before the
-// question is released at once. Called under rmu.
+// the credit it frees are not left waiting, once the peer is short of
+// credit; what it took before the question is released at once. Called
+// under rmu.
 func (ch *channel) askTaken() {
 	r := ch.ring
+	if ch.granted-ch.received >= minWindow {
+		// The peer can still send a frame of the largest size, and its
+		// next frame brings us back here (receive): no wake-up needed.
+		return
+	}
 	wait, err := r.down.WaitRoom(r.size)
 	if err != nil {
 		ch.a.goRun(func() { ch.ringCorrupt(err) })
@@ -840,6 +858,10 @@ func (ch *channel) undeliverable() {
 		// and asks again (ringEnd).
 	}
 }
+
+// stallDrop is how long the outbound pump waits for credit before it lets
+// go of its mapping of the ring up's pages (dropUp).
+const stallDrop = 20 * time.Millisecond
 
 // dropUp lets go of our mapping of the ring up's pages: they are the
 // process's (it writes them first, and its memory counts them), and stay
