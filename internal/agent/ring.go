@@ -79,6 +79,9 @@ type chanRing struct {
 	sockHdr [local.RecordHeaderLen]byte
 	sockN   int // bytes of a record header read so far (outbound pump)
 
+	fds     bool       // it holds a reservation of descriptors (ringSlots.reserve)
+	slotsOf *ringSlots // where
+
 	closeSize int    // a close record's payload size (sockRead)
 	closeHead []byte // and what of it came with its header
 }
@@ -108,8 +111,16 @@ func (ch *channel) attachRing() {
 // makeRing makes a channel's rings, with the descriptors the process is
 // to get (procFDs, until offer sends them).
 func (a *Agent) makeRing(owner *procRef) (*chanRing, error) {
+	// A ring channel holds ringFDs descriptors where a socket channel
+	// holds one; rings take at most half of RLIMIT_NOFILE, so that an
+	// agent with many channels gives the rest the socket path rather
+	// than running out of descriptors.
+	if !a.ringSlots.reserve() {
+		a.counters.refuse("ring_no_descriptors")
+		return nil, errors.New("rings hold half of the descriptors the agent may open")
+	}
 	size := a.cfg.Limits.Ring
-	r := &chanRing{size: size, upRoom: -1, downRoom: -1}
+	r := &chanRing{size: size, upRoom: -1, downRoom: -1, fds: true, slotsOf: &a.ringSlots}
 	var fds []int
 	fail := func(err error) (*chanRing, error) {
 		if outOfFDs(err) {
@@ -193,6 +204,10 @@ func closeFDs(fds []int) {
 func (r *chanRing) close() {
 	if r == nil {
 		return
+	}
+	if r.fds {
+		r.fds = false
+		r.slotsOf.unreserve()
 	}
 	closeFDs(r.procFDs)
 	r.procFDs = nil
@@ -906,6 +921,38 @@ func (ch *channel) sweepRing() {
 type ringSlots struct {
 	mu    sync.Mutex
 	pages map[ident.Key][]*hdrPage // the pages of each process with ring channels
+
+	fds    int64 // descriptors reserved by ring channels
+	fdsMax int64 // at most: half of RLIMIT_NOFILE (0: not read yet)
+}
+
+// ringFDs is what a ring channel holds beyond its socket: two pipe ends,
+// and a share of a header page's memfd (counted whole).
+const ringFDs = 3
+
+// reserve takes ringFDs descriptors for a ring channel, if rings hold
+// less than half of the agent's RLIMIT_NOFILE.
+func (s *ringSlots) reserve() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.fdsMax == 0 {
+		var lim unix.Rlimit
+		s.fdsMax = 512
+		if unix.Getrlimit(unix.RLIMIT_NOFILE, &lim) == nil && lim.Cur > 0 {
+			s.fdsMax = int64(min(lim.Cur, 1<<30) / 2)
+		}
+	}
+	if s.fds+ringFDs > s.fdsMax {
+		return false
+	}
+	s.fds += ringFDs
+	return true
+}
+
+func (s *ringSlots) unreserve() {
+	s.mu.Lock()
+	s.fds -= ringFDs
+	s.mu.Unlock()
 }
 
 type hdrPage struct {

@@ -152,3 +152,48 @@ func TestRingCloseWithUnread(t *testing.T) {
 			p.a.budget.inUse() == 0 && p.b.budget.inUse() == 0
 	})
 }
+
+// TestRingDescriptorBound: rings hold at most their share of the agent's
+// descriptors (half of RLIMIT_NOFILE); past it, channels take the socket
+// path — still working — instead of the agent running out.
+func TestRingDescriptorBound(t *testing.T) {
+	p := startPair(t, channelSpecs)
+	echo(t, p.listen(t, "node-b", "db", "echo"))
+	for _, a := range []*testAgent{p.a, p.b} {
+		a.ringSlots.mu.Lock()
+		a.ringSlots.fdsMax = 2 * ringFDs
+		a.ringSlots.mu.Unlock()
+	}
+	var conns []*sinc.Conn
+	for range 4 {
+		conns = append(conns, p.mustDial(t, "node-a", "web", "node-b/db/echo", sinc.Stream))
+	}
+	rings := 0
+	for _, ch := range p.a.tables.all() {
+		ch.rmu.Lock()
+		if ch.ring != nil {
+			rings++
+		}
+		ch.rmu.Unlock()
+	}
+	if rings != 2 {
+		t.Fatalf("node-a made %d rings for 4 channels, want 2 (its bound)", rings)
+	}
+	if n := p.a.counters.refusedCount("ring_no_descriptors"); n != 2 {
+		t.Fatalf("ring_no_descriptors counted %d, want 2", n)
+	}
+	for i, c := range conns {
+		msg := []byte("channel " + string(rune('0'+i)))
+		if got := roundTrip(t, c, msg); !bytes.Equal(got, msg) {
+			t.Fatalf("channel %d echoed %q", i, got)
+		}
+	}
+	for _, c := range conns {
+		c.Close()
+	}
+	eventually(t, 5*time.Second, "the rings' descriptors given back", func() bool {
+		p.a.ringSlots.mu.Lock()
+		defer p.a.ringSlots.mu.Unlock()
+		return p.a.ringSlots.fds == 0
+	})
+}
