@@ -202,29 +202,6 @@ func (r *ringEnd) close() {
 	}
 }
 
-// wakeRecord is a wake-up record.
-var wakeRecord = []byte{local.RecWake, 0, 0, 0}
-
-// wake writes a wake-up record on the socket, never waiting: a full
-// socket holds wake-ups the agent has not read yet. It reports false if
-// the agent closed the socket. Called under wmu.
-func (c *Conn) wake() bool {
-	rc, err := c.c.SyscallConn()
-	if err != nil {
-		return false
-	}
-	var werr error
-	rc.Control(func(fd uintptr) {
-		for {
-			_, werr = unix.SendmsgN(int(fd), wakeRecord, nil, nil, unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL)
-			if werr != unix.EINTR {
-				return
-			}
-		}
-	})
-	return werr == nil || werr == unix.EAGAIN
-}
-
 // agentBroke is the error for a ring the agent left in a state no agent
 // would.
 func agentBroke(err error) error {
@@ -446,7 +423,7 @@ func (c *Conn) ringWrite(typ byte, p []byte) error {
 	if err != nil {
 		return ringWriteErr(err)
 	}
-	if wake && !c.wake() {
+	if wake && !local.SendWake(c.c) {
 		return errAgentClosed
 	}
 	return nil
@@ -483,7 +460,7 @@ func (c *Conn) ringFinish(interrupted bool, typ byte, payload []byte) {
 		if free, err := r.up.Free(); err == nil && free >= ring.RecordHeaderLen {
 			r.up.Put(local.RecFin)
 			if wake, err := r.up.Publish(); err == nil && wake {
-				c.wake()
+				local.SendWake(c.c)
 			}
 			c.wdone = true
 		}

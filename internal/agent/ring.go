@@ -683,7 +683,7 @@ func (ch *channel) flushDown() {
 		ch.a.goRun(func() { ch.ringCorrupt(err) })
 		return
 	}
-	if wake && !ch.sendWake() {
+	if wake && !local.SendWake(ch.sock) {
 		ch.undeliverable() // the process closed its socket
 		return
 	}
@@ -811,29 +811,6 @@ func (ch *channel) ringRoom() {
 	if done {
 		ch.checkDone()
 	}
-}
-
-// wakeRecord is a wake-up record.
-var wakeRecord = []byte{local.RecWake, 0, 0, 0}
-
-// sendWake writes a wake-up record on the socket, never waiting: a full
-// socket holds wake-ups the process has not read, so none is lost. It
-// reports false if the process closed its socket.
-func (ch *channel) sendWake() bool {
-	rc, err := ch.sock.SyscallConn()
-	if err != nil {
-		return false
-	}
-	var werr error
-	rc.Control(func(fd uintptr) {
-		for {
-			_, werr = unix.SendmsgN(int(fd), wakeRecord, nil, nil, unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL)
-			if werr != unix.EINTR {
-				return
-			}
-		}
-	})
-	return werr == nil || werr == unix.EAGAIN
 }
 
 // undeliverable ends a channel whose process closed its end while

@@ -152,3 +152,26 @@ func ReadRing(c *net.UnixConn) (*RingOffer, []int, error) {
 	}
 	return &o, fds, nil
 }
+
+// wakeRecord is a wake-up record (RecWake).
+var wakeRecord = []byte{RecWake, 0, 0, 0}
+
+// SendWake writes a wake-up record on the socket of a ring channel, never
+// waiting: a full socket holds wake-ups not yet read, so none is lost. It
+// reports false if the other side closed the socket.
+func SendWake(c *net.UnixConn) bool {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return false
+	}
+	var werr error
+	rc.Control(func(fd uintptr) {
+		for {
+			_, werr = unix.SendmsgN(int(fd), wakeRecord, nil, nil, unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL)
+			if werr != unix.EINTR {
+				return
+			}
+		}
+	})
+	return werr == nil || werr == unix.EAGAIN
+}
