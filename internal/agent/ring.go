@@ -61,6 +61,7 @@ type chanRing struct {
 
 	up        *ring.Consumer // outbound pump, under ringMu
 	upTouched bool           // under ringMu: we read the ring up since dropUp
+	lens      []int          // outbound pump: the lengths of the records it packs
 	stalled   *time.Timer    // outbound pump: drops the ring up's pages while waiting long for credit
 	upRoom    int            // pipe: we made room up (written under ringMu)
 	downRoom  int            // pipe: the process made room down (read under rmu)
@@ -564,20 +565,30 @@ func (ch *channel) ringPack(n int) ([]byte, int, error) {
 	r.upTouched = true
 	data, recs := n, 1
 	if n < packDirect {
-		// Then the data records published behind it, each taking its
-		// credit and budget, while they fit the frame.
-		for r.up.Buffered() >= ring.RecordHeaderLen {
-			typ, n2, err := r.up.Next()
-			if err != nil || typ != local.RecData || (n2 == 0 && prefix == 0) || len(p)+prefix+n2 > packTarget {
+		// Then the data records published behind it, while they fit the
+		// frame and the credit: their lengths read once into private
+		// memory, their credit and budget taken at once, then copied.
+		credit := ch.creditLeft()
+		lens, off, taken := r.lens[:0], 0, 0
+		for off+ring.RecordHeaderLen <= r.up.Buffered() {
+			typ, n2, err := r.up.NextAt(off)
+			if err != nil || typ != local.RecData || (n2 == 0 && prefix == 0) ||
+				len(p)+taken+prefix+n2 > packTarget || uint64(taken+prefix+n2) > credit {
 				break // the pump reads it next, and ends the channel if it is bad
 			}
-			if ch.creditLeft() < uint64(prefix+n2) || !ch.takeCredit(prefix+n2) {
-				break
-			}
+			lens = append(lens, n2)
+			taken += prefix + n2
+			off += ring.RecordHeaderLen + n2
+		}
+		if taken > 0 && !ch.takeCredit(taken) {
+			lens = lens[:0] // no budget for more: the next frame takes them
+		}
+		for _, n2 := range lens {
 			put(n2)
 			data += n2
-			recs++
 		}
+		recs += len(lens)
+		r.lens = lens
 	}
 	wake, err := r.up.Release()
 	if wake {

@@ -396,13 +396,17 @@ func (c *Consumer) Buffered() int { return int((c.head - c.tail) & idxMask) }
 // Next reads the next record's header once, into private memory, and
 // checks it against what was published (Avail): its type and payload
 // length n. The header is not consumed.
-func (c *Consumer) Next() (typ byte, n int, err error) {
-	avail := uint64(c.Buffered())
-	if avail < RecordHeaderLen {
+func (c *Consumer) Next() (typ byte, n int, err error) { return c.NextAt(0) }
+
+// NextAt is Next for the record off bytes past the next one (a record
+// boundary the caller found with NextAt before).
+func (c *Consumer) NextAt(off int) (typ byte, n int, err error) {
+	avail := uint64(c.Buffered() - off)
+	if off < 0 || off > c.Buffered() || avail < RecordHeaderLen {
 		return 0, 0, corrupt("%d bytes published: less than a record header", avail)
 	}
 	var h [RecordHeaderLen]byte
-	c.r.copyOut(h[:], c.tail)
+	c.r.copyOut(h[:], c.tail+uint64(off))
 	v := binary.BigEndian.Uint32(h[:])
 	typ, n = byte(v>>24), int(v&0xffffff)
 	if n > c.max {
