@@ -6,6 +6,8 @@ import (
 	"errors"
 	"io"
 	"math/rand/v2"
+	"os"
+	"os/exec"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -22,6 +24,7 @@ import (
 // back to zero after. A lost wake-up (the credit the process's reading
 // frees not going back, a reader not told of data) hangs a transfer here.
 func TestRingNoLostWakeups(t *testing.T) {
+	withRings(t)
 	was := idleSweep
 	idleSweep = time.Hour
 	t.Cleanup(func() { idleSweep = was })
@@ -122,6 +125,7 @@ func TestRingNoLostWakeups(t *testing.T) {
 // end, as on the socket path — the other side must not take a truncated
 // stream for a whole one — and the budget the ring held comes back.
 func TestRingCloseWithUnread(t *testing.T) {
+	withRings(t)
 	p := startPair(t, channelSpecs)
 	l := p.listen(t, "node-b", "db", "sink")
 	accepted := make(chan *sinc.Conn, 1)
@@ -157,6 +161,7 @@ func TestRingCloseWithUnread(t *testing.T) {
 // descriptors (half of RLIMIT_NOFILE); past it, channels take the socket
 // path — still working — instead of the agent running out.
 func TestRingDescriptorBound(t *testing.T) {
+	withRings(t)
 	p := startPair(t, channelSpecs)
 	echo(t, p.listen(t, "node-b", "db", "echo"))
 	for _, a := range []*testAgent{p.a, p.b} {
@@ -196,4 +201,27 @@ func TestRingDescriptorBound(t *testing.T) {
 		defer p.a.ringSlots.mu.Unlock()
 		return p.a.ringSlots.fds == 0
 	})
+}
+
+// withRings makes the Go client ask for rings in this test, also in the
+// run of this package on the socket path (TestSocketPathToo).
+func withRings(t *testing.T) { t.Setenv(sinc.NoRingEnv, "") }
+
+// TestSocketPathToo runs this package's tests again with the Go client
+// on the socket path (SINC_NO_RING=1), the path of every client that does
+// not ask for rings: the pumps, the queue and the direct delivery of
+// receive.go and send.go keep their fault, interleaving and bound tests.
+func TestSocketPathToo(t *testing.T) {
+	if os.Getenv(sinc.NoRingEnv) == "1" {
+		t.Skip("this is the socket path's run")
+	}
+	if testing.Short() {
+		t.Skip("-short: the package once more")
+	}
+	cmd := exec.Command(os.Args[0], "-test.count=1", "-test.skip", "^TestSocketPathToo$|^TestRing")
+	cmd.Env = append(os.Environ(), sinc.NoRingEnv+"=1")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("on the socket path: %v\n%s", err, out)
+	}
 }

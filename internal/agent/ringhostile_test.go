@@ -85,6 +85,7 @@ type ringEnv struct {
 
 func startRingEnv(t *testing.T) *ringEnv {
 	t.Helper()
+	withRings(t)
 	e := &ringEnv{p: startPair(t, ringSpecs)}
 	echo(t, e.p.listen(t, "node-b", "db", "echo"))
 	e.sink = e.p.listen(t, "node-b", "db", "sink")
