@@ -63,7 +63,7 @@ type ringEnd struct {
 	writeWait *ring.Sleeper // the agent made room up
 	upEmpty   bool          // the ring up's pages were given back (sweepRings)
 
-	wakeRoom *ring.Waker // we made room down; under rmu
+	wakeRoom int // pipe: we took from the ring down (written and closed under rmu)
 }
 
 // openRing reads the channel's ring record from c and maps the rings.
@@ -72,21 +72,15 @@ func openRing(c *net.UnixConn) (*ringEnd, error) {
 	if err != nil {
 		return nil, &Error{Code: ErrProtocol.Code, Message: "the agent's ring offer: " + err.Error()}
 	}
-	r := &ringEnd{}
-	files := make([]*os.File, len(fds))
-	for i, fd := range fds {
-		files[i] = os.NewFile(uintptr(fd), "sinc-ring")
-	}
-	defer func() {
-		for _, f := range files[:local.RingFDData+1] {
-			f.Close() // mapped, or failed: the descriptors are not needed
-		}
-	}()
+	r := &ringEnd{wakeRoom: fds[local.RingFDDownRoom]}
+	hdrF := os.NewFile(uintptr(fds[local.RingFDHeader]), "sinc-ring-hdr")
+	dataF := os.NewFile(uintptr(fds[local.RingFDData]), "sinc-ring")
+	defer hdrF.Close() // mapped, or failed: the memfds are not needed
+	defer dataF.Close()
+	upRoom := fds[local.RingFDUpRoom]
 	fail := func(err error) (*ringEnd, error) {
-		for _, f := range files[local.RingFDData+1:] {
-			if f != nil {
-				f.Close()
-			}
+		if upRoom >= 0 {
+			unix.Close(upRoom)
 		}
 		r.close()
 		return nil, &Error{Code: ErrProtocol.Code, Message: "the agent's ring: " + err.Error()}
@@ -94,29 +88,24 @@ func openRing(c *net.UnixConn) (*ringEnd, error) {
 	if err := ring.CheckSize(offer.Size); err != nil {
 		return fail(err)
 	}
-	if r.hdr, err = mapHeader(files[local.RingFDHeader]); err != nil {
+	if r.hdr, err = mapHeader(hdrF); err != nil {
 		return fail(err)
 	}
 	if offer.Slot < 0 || offer.Slot%ring.HeaderSize != 0 || offer.Slot+ring.HeaderSize > ringPage {
 		return fail(fmt.Errorf("header slot at %d", offer.Slot))
 	}
-	if r.data, err = ring.Map(files[local.RingFDData], 2*offer.Size); err != nil {
+	if r.data, err = ring.Map(dataF, 2*offer.Size); err != nil {
 		return fail(err)
 	}
 	hdr := r.hdr.mem.B[offer.Slot : offer.Slot+ring.HeaderSize]
 	r.up = ring.NewProducer(hdr, ring.Up, r.data.B[:offer.Size], offer.Gen)
 	r.down = ring.NewConsumer(hdr, ring.Down, r.data.B[offer.Size:], local.MaxRecord, offer.Gen)
-	take := func(i int) int {
-		fd, _ := syscall.Dup(int(files[i].Fd()))
-		files[i].Close()
-		files[i] = nil
-		return fd
-	}
-	if r.writeWait, err = ring.NewSleeper(take(local.RingFDUpRoom)); err != nil {
+	r.writeWait, err = ring.NewSleeper(upRoom) // it owns the descriptor, also on failure
+	if upRoom = -1; err != nil {
 		return fail(err)
 	}
-	if r.wakeRoom, err = ring.NewWaker(take(local.RingFDDownRoom)); err != nil {
-		return fail(err)
+	if err := unix.SetNonblock(r.wakeRoom, true); err != nil {
+		return fail(os.NewSyscallError("fcntl", err))
 	}
 	return r, nil
 }
@@ -197,8 +186,9 @@ func (r *ringEnd) close() {
 	if r.writeWait != nil {
 		r.writeWait.Close()
 	}
-	if r.wakeRoom != nil {
-		r.wakeRoom.Close()
+	if r.wakeRoom >= 0 {
+		unix.Close(r.wakeRoom)
+		r.wakeRoom = -1
 	}
 }
 
@@ -309,7 +299,7 @@ func (c *Conn) ringConsume() {
 	r.down.Skip(ring.RecordHeaderLen + r.clen)
 	r.cur = false
 	if wake, _ := r.down.Release(); wake {
-		r.wakeRoom.Wake() // an agent that closed its end learns nothing more
+		ring.WakeFD(r.wakeRoom) // an agent that closed its end learns nothing more
 	}
 }
 
