@@ -3,7 +3,6 @@ package ring
 import (
 	"fmt"
 	"os"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -90,29 +89,4 @@ func Release(b []byte) error {
 		return nil
 	}
 	return os.NewSyscallError("madvise(MADV_REMOVE)", unix.Madvise(b, unix.MADV_REMOVE))
-}
-
-// Resident returns how many of b's pages are in memory (mincore).
-func Resident(b []byte) (int, error) {
-	if len(b) == 0 {
-		return 0, nil
-	}
-	pg := os.Getpagesize()
-	vec := make([]byte, (len(b)+pg-1)/pg)
-	if err := mincore(b, vec); err != nil {
-		return 0, err
-	}
-	n := 0
-	for _, v := range vec {
-		n += int(v & 1)
-	}
-	return n, nil
-}
-
-func mincore(b []byte, vec []byte) error {
-	_, _, e := unix.Syscall(unix.SYS_MINCORE, uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)), uintptr(unsafe.Pointer(&vec[0])))
-	if e != 0 {
-		return os.NewSyscallError("mincore", e)
-	}
-	return nil
 }

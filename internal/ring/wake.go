@@ -42,58 +42,6 @@ func file(fd int, name string) (*os.File, syscall.RawConn, error) {
 	return f, rc, nil
 }
 
-// Waker writes wake-ups to a pipe's write end.
-type Waker struct {
-	f  *os.File
-	rc syscall.RawConn
-	fn func(fd uintptr)
-	e  error
-}
-
-// NewWaker wakes through fd, a pipe's write end, which it owns from here.
-func NewWaker(fd int) (*Waker, error) {
-	f, rc, err := file(fd, "ring-wake-w")
-	if err != nil {
-		return nil, err
-	}
-	w := &Waker{f: f, rc: rc}
-	w.fn = w.write
-	return w, nil
-}
-
-var token = []byte{1}
-
-func (w *Waker) write(fd uintptr) {
-	for {
-		_, err := unix.Write(int(fd), token)
-		switch err {
-		case unix.EINTR:
-			continue
-		case unix.EAGAIN:
-			err = nil // full: wake-ups are waiting to be taken
-		}
-		w.e = err
-		return
-	}
-}
-
-// Wake writes one wake-up without ever waiting, and reports a failure
-// (EPIPE: the sleeper closed its end). Not safe for concurrent use.
-func (w *Waker) Wake() error {
-	if err := w.rc.Control(w.fn); err != nil {
-		return err
-	}
-	err := w.e
-	w.e = nil
-	if err != nil {
-		return os.NewSyscallError("write", err)
-	}
-	return nil
-}
-
-// Close closes the write end: the sleeper reads end of file.
-func (w *Waker) Close() error { return w.f.Close() }
-
 // Sleeper waits on a pipe's read end.
 type Sleeper struct {
 	f    *os.File
@@ -162,28 +110,13 @@ func (s *Sleeper) Wait() error {
 	return err
 }
 
-// Poll takes pending wake-ups without waiting; it reports io.EOF once the
-// waker's end is closed.
-func (s *Sleeper) Poll() error {
-	if s.eof {
-		return io.EOF
-	}
-	s.got = false
-	s.rc.Control(func(fd uintptr) { s.drain(fd) })
-	if s.eof {
-		return io.EOF
-	}
-	return nil
-}
-
 // SetDeadline sets the deadline of Wait.
 func (s *Sleeper) SetDeadline(t time.Time) error { return s.f.SetReadDeadline(t) }
 
-// File is the read end, for an epoll set of the caller's.
-func (s *Sleeper) File() *os.File { return s.f }
-
 // Close closes the read end.
 func (s *Sleeper) Close() error { return s.f.Close() }
+
+var token = []byte{1}
 
 // WakeFD writes one wake-up to fd, a non-blocking pipe's write end,
 // without a file around it (for a caller that guards the descriptor's
