@@ -135,10 +135,25 @@ func TestCreditForEndingChannelIsAnswered(t *testing.T) {
 	if m.Code != wire.CodeReset || m.Reason != "the real reason" {
 		t.Fatalf("Close again: %s %q, want reset with the reason of the end", m.Code, m.Reason)
 	}
+	// An end that told the peer a reason of its own (abortTelling: the
+	// peer's process is to read "the remote process aborted …", ours
+	// "this process aborted …") is told that one again, not ours.
+	ch.mu.Lock()
+	ch.closeErr = &local.Error{Code: wire.CodeAborted.String(), Message: "this process aborted the channel"}
+	ch.told = &wire.Close{Code: wire.CodeAborted, Reason: "the remote process aborted the channel"}
+	ch.mu.Unlock()
+	start = e.h.mark()
+	e.h.sendCtl(t, (&wire.Credit{Index: hc.acc.Index, DstConn: hc.acc.Conn, SrcConn: hc.open.Conn, Granted: 2, Flags: wire.FlagResend}).Marshal())
+	if m, err = wire.ParseClose(e.h.waitCtlFrom(t, start, "node-a's Close again", hc.isCloseOf)); err != nil {
+		t.Fatal(err)
+	}
+	if m.Code != wire.CodeAborted || m.Reason != "the remote process aborted the channel" {
+		t.Fatalf("Close again: %s %q, want aborted with the peer's reason", m.Code, m.Reason)
+	}
 	// Let finish run through, as it would have.
 	ch.mu.Lock()
 	ch.state.status = statusOpen
-	ch.closeErr = nil
+	ch.closeErr, ch.told = nil, nil
 	ch.mu.Unlock()
 	ch.ended.Store(false)
 	ch.end(&local.Error{Code: wire.CodeReset.String(), Message: "the real reason"}, true)

@@ -86,6 +86,7 @@ type channel struct {
 	state    chanState
 	conn     local.Conn
 	closeErr *local.Error
+	told     *wire.Close // the Close its end sent the peer (code and reason), or nil
 	keys     keyEntry
 
 	// sending side
@@ -338,9 +339,14 @@ func closeFor(why *local.Error) *wire.Close {
 // peer that shows it did not get it (handleCredit).
 func (ch *channel) closeAgain() *wire.Close {
 	ch.mu.Lock()
-	why, st := ch.closeErr, ch.state
+	why, told, st := ch.closeErr, ch.told, ch.state
 	ch.mu.Unlock()
 	c := closeFor(why)
+	if told != nil {
+		// What the peer's process is to read may differ from what ours
+		// read (abortTelling): the peer gets its own reason again.
+		c = &wire.Close{Code: told.Code, Reason: told.Reason}
+	}
 	c.Index, c.DstConn, c.SrcConn = st.remoteIndex, st.remoteConn, ch.id
 	return c
 }
@@ -357,6 +363,9 @@ func (ch *channel) finish(why *local.Error, tell *wire.Close) {
 	ch.state.status = statusEnded
 	ch.ended.Store(true)
 	ch.closeErr = why
+	if tell != nil {
+		ch.told = &wire.Close{Code: tell.Code, Reason: tell.Reason}
+	}
 	ch.mu.Unlock()
 	// The peer hears why before the channel leaves the tables: a message
 	// of the peer's about it that comes meanwhile finds it ended, rather
