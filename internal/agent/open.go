@@ -492,6 +492,12 @@ func (a *Agent) handOver(car carrier, ch *channel, l *listener, fd int, acc *wir
 		refuse(wire.CodeBusy, "the listener of %s/%s/%s is not taking channels", a.cfg.Node, ch.part, l.service)
 		return
 	}
+	// The listener has the socket: what the peer sends once it has the
+	// Accept may go to it from now, even if the channel ends (a Close
+	// right behind the data) before its pumps start.
+	ch.rmu.Lock()
+	ch.deliver = true
+	ch.rmu.Unlock()
 	msg := acc.Marshal()
 	err = car.sendControl(msg)
 	clear(msg)
